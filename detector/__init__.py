@@ -1,0 +1,1 @@
+"""Fast R-CNN, one concern per file: see README.md for the map."""

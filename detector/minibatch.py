@@ -1,0 +1,79 @@
+"""Training minibatches: N images per SGD step, R/N RoIs from each (paper §2.3 hierarchical sampling).
+
+Owns the order in which images are visited and every random choice (scale, flip, RoI sample), all drawn from one
+numpy Generator whose state is checkpointed, so a resumed run sees exactly the minibatches an uninterrupted one would.
+FR walks a shuffled permutation of the images and reshuffles when it runs out (roi_data_layer/layer.py).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detector.data import flip_boxes, flip_image, image_scale, pad_batch, read_image, resize_image, to_tensor
+from detector.sampler import expand_targets, sample_rois
+
+
+@dataclass
+class Minibatch:
+    images: Tensor  # (N, 3, H, W) normalised, zero-padded
+    rois: Tensor  # (R, 5) batch index, x1, y1, x2, y2 in the scaled images' pixels
+    labels: Tensor  # (R,) 0 = background
+    bbox_targets: Tensor  # (R, 4(K+1)) normalised targets in the true class's columns
+    bbox_weights: Tensor  # (R, 4(K+1)) 1 where a target is set
+
+
+class MinibatchSampler:
+    def __init__(self, records, proposals, cfg, num_classes: int, means: np.ndarray, stds: np.ndarray,
+                 normalize, seed: int):
+        self.records, self.proposals, self.cfg = records, proposals, cfg
+        self.num_classes = num_classes
+        self.means, self.stds = torch.as_tensor(means).float(), torch.as_tensor(stds).float()
+        self.normalize = normalize  # the backbone's input normalisation, applied before zero-padding (FR blob.py)
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(records))
+        self.cursor = 0
+
+    def _next_images(self) -> list[int]:
+        n = self.cfg.ims_per_batch
+        if self.cursor + n > len(self.order):
+            self.order = self.rng.permutation(len(self.records))
+            self.cursor = 0
+        picked = self.order[self.cursor:self.cursor + n]
+        self.cursor += n
+        return [int(i) for i in picked]
+
+    def next(self) -> Minibatch:
+        cfg = self.cfg
+        rois_per_image = cfg.rois_per_batch // cfg.ims_per_batch
+        images, rois, labels, targets, weights = [], [], [], [], []
+        for b, i in enumerate(self._next_images()):
+            rec, props = self.records[i], self.proposals[i]
+            img, gt = read_image(rec.path), rec.boxes
+            if cfg.use_flipped and self.rng.random() < 0.5:
+                img, gt = flip_image(img), flip_boxes(gt, rec.width)
+                props = flip_boxes(props, rec.width)
+            target_size = cfg.scales[self.rng.integers(len(cfg.scales))]
+            im_scale = image_scale(rec.height, rec.width, target_size, cfg.max_size)
+            images.append(self.normalize(to_tensor(resize_image(img, im_scale))[None])[0])
+            s = sample_rois(gt, rec.labels, props, self.rng, rois_per_image=rois_per_image,
+                            fg_fraction=cfg.fg_fraction, fg_thresh=cfg.fg_thresh,
+                            bg_thresh_hi=cfg.bg_thresh_hi, bg_thresh_lo=cfg.bg_thresh_lo)
+            # RoIs are scaled with the image and not rounded (FR minibatch.py _project_im_rois).
+            batch_col = torch.full((len(s.labels), 1), float(b))
+            rois.append(torch.cat([batch_col, s.rois.float() * im_scale], dim=1))
+            t, w = expand_targets(s.targets.float(), s.labels, self.num_classes, self.means, self.stds)
+            labels.append(s.labels)
+            targets.append(t)
+            weights.append(w)
+        return Minibatch(pad_batch(images), torch.cat(rois), torch.cat(labels).long(), torch.cat(targets),
+                         torch.cat(weights))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = np.asarray(state["order"], dtype=np.int64)
+        self.cursor = int(state["cursor"])

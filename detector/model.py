@@ -1,0 +1,101 @@
+"""FastRCNN: conv trunk -> RoI max pooling -> fc6 -> fc7 -> softmax classifier and class-specific box regressor.
+
+Paper §2 (Fig. 1): the whole image goes through the conv layers once; each RoI is max-pooled from the last conv map
+into a fixed grid (our Triton kernel), then two fc layers feed two sibling outputs. The multi-task loss (Eq. 1) is
+softmax log loss plus smooth-L1 on the true class's box deltas, both normalised by the number of RoIs (FR's Caffe
+layers divide by R, fast_rcnn.md §2).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detector.backbones import Backbone
+from kernels import RoIPool, smooth_l1_loss
+
+
+class FastRCNN(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int):
+        """num_classes: object classes K, without background; the outputs have K + 1 columns (0 = background)."""
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.roi_pool = RoIPool(backbone.pool_size, backbone.spatial_scale)
+        # fc6/fc7 live on the model (not only the backbone) so svd.svd_compress can swap them.
+        self.fc6 = backbone.fc6
+        self.fc7 = backbone.fc7
+        self.dropout = nn.Dropout(0.5)  # Caffe's dropout is inverted too: scaled at train time, identity at test
+        self.cls_score = nn.Linear(backbone.fc_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(backbone.fc_dim, 4 * (num_classes + 1))
+        # FR train.prototxt: new layers are Gaussian with std 0.01 (cls_score) and 0.001 (bbox_pred), biases 0.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        # Regression targets are normalised per class during training (fast_rcnn.md §4); the statistics are kept so
+        # that `folded_state_dict` can fold them into bbox_pred and saved models output raw deltas.
+        self.register_buffer("bbox_means", torch.zeros(num_classes + 1, 4))
+        self.register_buffer("bbox_stds", torch.ones(num_classes + 1, 4))
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.backbone.trunk(images)
+
+    def head(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, 5) rois in input-image pixels -> class scores (R, K+1) and box deltas (R, 4(K+1))."""
+        x = self.roi_pool(features, rois).flatten(1)  # (R, C*P*P)
+        x = self.dropout(F.relu(self.fc6(x)))
+        x = self.dropout(F.relu(self.fc7(x)))
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def forward(self, images: Tensor, rois: Tensor, targets: dict | None = None):
+        """images (N, 3, H, W) normalised; rois (R, 5) (batch index, x1, y1, x2, y2) in the images' pixels.
+
+        With targets ({"labels" (R,), "bbox_targets" (R, 4(K+1)), "bbox_weights" (R, 4(K+1))}) returns the loss
+        dict; without, the softmax probabilities (R, K+1) and raw box deltas (R, 4(K+1)).
+        """
+        scores, deltas = self.head(self.features(images), rois)
+        if targets is None:
+            return F.softmax(scores, dim=1), self.unnormalize(deltas)
+        return self.loss(scores, deltas, targets)
+
+    def loss(self, scores: Tensor, deltas: Tensor, targets: dict) -> dict:
+        num_rois = max(scores.shape[0], 1)
+        loss_cls = F.cross_entropy(scores, targets["labels"])  # mean over the R RoIs (SoftmaxWithLoss, normalize)
+        # Caffe's SmoothL1Loss: sum over all RoIs and coordinates, divided by R (not by the foreground count);
+        # the 0/1 weights switch off background RoIs and the other classes' columns (Eq. 2-3, sigma = 1).
+        loss_box = smooth_l1_loss(deltas, targets["bbox_targets"], beta=1.0, reduction="sum",
+                                  weight=targets["bbox_weights"]) / num_rois
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    def unnormalize(self, deltas: Tensor) -> Tensor:
+        """Raw deltas from normalised ones: the inverse of the training-time target normalisation."""
+        return deltas * self.bbox_stds.flatten() + self.bbox_means.flatten()
+
+    def set_target_stats(self, means: Tensor, stds: Tensor) -> None:
+        self.bbox_means.copy_(torch.as_tensor(means, dtype=torch.float32))
+        self.bbox_stds.copy_(torch.as_tensor(stds, dtype=torch.float32))
+
+    def folded_state_dict(self) -> dict:
+        """State dict whose bbox_pred outputs raw deltas (FR train.py snapshot): W' = W * std, b' = b * std + mean.
+
+        The buffers become the identity (means 0, stds 1) so that a model loaded from it decodes the same boxes.
+        """
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        stds, means = self.bbox_stds.flatten(), self.bbox_means.flatten()
+        state["bbox_pred.weight"] = state["bbox_pred.weight"] * stds[:, None]
+        state["bbox_pred.bias"] = state["bbox_pred.bias"] * stds + means
+        state["bbox_means"] = torch.zeros_like(self.bbox_means)
+        state["bbox_stds"] = torch.ones_like(self.bbox_stds)
+        return state
+
+
+def param_groups(model: nn.Module, weight_decay: float, bias_lr_mult: float) -> list[dict]:
+    """SGD groups as the prototxts set them: weights lr x1 with decay, biases lr x2 with no decay; frozen excluded."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (biases if name.endswith(".bias") else weights).append(p)
+    return [
+        {"params": weights, "lr_mult": 1.0, "weight_decay": weight_decay},
+        {"params": biases, "lr_mult": bias_lr_mult, "weight_decay": 0.0},
+    ]

@@ -1,0 +1,66 @@
+"""Pictures people would rather look at than read: loss curves and images with their boxes (matplotlib, PNG)."""
+
+import csv
+import zlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the machines have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss_curve(csv_path: str, png_path: str) -> None:
+    """Plot the columns `loss`, `loss_cls`, `loss_box` of a training metrics CSV against `iter`."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    iters = [int(r["iter"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "loss_cls", "loss_box"):
+        if key in rows[0]:
+            ax.plot(iters, [float(r[key]) for r in rows], label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (mean over the last log window)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def draw_boxes_sheet(
+    images: list[np.ndarray],
+    boxes: list[np.ndarray],
+    labels: list[list[str]],
+    path: str,
+    scores: list[np.ndarray] | None = None,
+    ncols: int = 4,
+) -> None:
+    """Draw images (HxWx3 uint8 RGB) with their 0-based (x1, y1, x2, y2) boxes and labels on one PNG sheet."""
+    n = len(images)
+    if n == 0:
+        return
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i])
+        for j, (x1, y1, x2, y2) in enumerate(np.asarray(boxes[i]).reshape(-1, 4)):
+            name = labels[i][j]
+            colour = colours(zlib.crc32(name.encode()) % 10)  # stable across runs
+            # +1: boxes are inclusive pixel ranges (VOC convention), so a box covers x2 - x1 + 1 pixels.
+            ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1 + 1, y2 - y1 + 1, fill=False, lw=1.5,
+                                       edgecolor=colour))
+            text = name if scores is None else f"{name} {scores[i][j]:.2f}"
+            ax.text(x1, y1 - 2, text, fontsize=6, color="white", va="bottom",
+                    bbox=dict(facecolor=colour, alpha=0.8, pad=1, lw=0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

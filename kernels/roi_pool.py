@@ -1,0 +1,448 @@
+"""RoI max pooling (paper §2.1, eq. 4): Triton forward/backward kernels and a vectorised CPU path.
+
+Semantics are the original Caffe layer's (caffe-fast-rcnn roi_pooling_layer.cu), which torchvision's
+roi_pool copies line for line. For RoI (b, x1, y1, x2, y2), scale s and output bin (ph, pw):
+    sw, sh, ew, eh = round(x1*s), round(y1*s), round(x2*s), round(y2*s)  # C round(): halves AWAY from 0
+    rw, rh = max(ew - sw + 1, 1), max(eh - sh + 1, 1)                    # inclusive pixels; bad box -> 1x1
+    hs, he = floor(ph*rh/PH) + sh, ceil((ph+1)*rh/PH) + sh                # clipped to [0, H]; same for w
+    out = max x[b, c, hs:he, ws:we];  argmax = h*W + w of its FIRST maximum in row-major order (int32)
+An empty bin gives 0 and argmax -1. The box math is fp32 whatever the input dtype (CUDA's T=float). The scan
+starts at -FLT_MAX with a strict >, so NaN and values <= -FLT_MAX never win: a non-empty bin holding only
+those gives -FLT_MAX and argmax -1, exactly as the reference does.
+
+Backward routes each output gradient to its argmax with an fp32 atomic add, like torchvision's CUDA kernel,
+so the summation order (and the last bits of the gradient) can vary from run to run. The original Caffe
+backward was a deterministic gather, at O(R) cost per input pixel.
+
+Devices: CUDA tensors run the Triton kernels; CPU tensors run `_roi_pool_fwd_cpu` (a range-max table, no
+Python loop per RoI), or the Triton kernels through the interpreter when TRITON_INTERPRET=1 is set.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FLT_MAX = 3.4028234663852886e38  # the scan's starting value in the reference, for every dtype
+_NEG_FLT_MAX = tl.constexpr(-_FLT_MAX)  # the same, visible inside @triton.jit
+_MAX_COORD = 2.0**24  # |coordinate * scale| beyond this is not an integer-exact fp32 pixel
+_TABLE_BUDGET = 1 << 25  # CPU path: elements of one range-max table (128 MiB fp32); more: channel blocks
+_GATHER_BUDGET = 1 << 20  # CPU path: elements gathered per step (4 MiB fp32: few, cache-sized ops)
+backend_calls = {"triton": 0, "cpu": 0}  # which path ran; the interpreter tests check it really was Triton
+
+
+@triton.jit
+def _round_half_away(v):
+    # C round(). floor(v + 0.5) would be wrong in fp32: 0.49999997 + 0.5 rounds up to 1.0
+    a = tl.abs(v)
+    r = tl.floor(a)
+    r = tl.where(a - r >= 0.5, r + 1.0, r)
+    return tl.where(v < 0, -r, r).to(tl.int32)
+
+
+@triton.jit
+def _roi_pool_fwd_kernel(
+    # pointers
+    x_ptr,  # (N, C, H, W) feature map, contiguous
+    rois_ptr,  # (K, 5) rows of (batch_index, x1, y1, x2, y2), contiguous
+    out_ptr,  # (K, C, PH, PW) pooled maxima
+    argmax_ptr,  # (K, C, PH, PW) int32 flat h*W+w of each maximum; untouched unless WRITE_ARGMAX
+    # sizes
+    c,  # channels
+    h,  # feature map height
+    w,  # feature map width
+    spatial_scale,  # image pixels -> feature map cells (1/16 for VGG16 conv5)
+    # meta
+    PH: tl.constexpr,  # pooled height
+    PW: tl.constexpr,  # pooled width
+    WRITE_ARGMAX: tl.constexpr,  # False when no gradient is needed: the output is the only traffic
+    BLOCK: tl.constexpr,  # outputs per program: a contiguous chunk of one RoI's C*PH*PW outputs
+):
+    # One program = one RoI x BLOCK consecutive outputs (channel-major, then ph, pw), so the stores are
+    # contiguous; each lane scans its own bin like the reference's thread, with a loop bound shared by
+    # the program (all lanes see the same box, so bin sizes differ by at most one).
+    roi = tl.program_id(0).to(tl.int64)  # int64: K*C*PH*PW can pass 2^31
+    # --- the box, rounded the C way, in fp32 ---
+    batch = tl.load(rois_ptr + roi * 5).to(tl.int32)  # (int) cast truncates, like the reference
+    sw = _round_half_away(tl.load(rois_ptr + roi * 5 + 1).to(tl.float32) * spatial_scale)
+    sh = _round_half_away(tl.load(rois_ptr + roi * 5 + 2).to(tl.float32) * spatial_scale)
+    ew = _round_half_away(tl.load(rois_ptr + roi * 5 + 3).to(tl.float32) * spatial_scale)
+    eh = _round_half_away(tl.load(rois_ptr + roi * 5 + 4).to(tl.float32) * spatial_scale)
+    # IEEE division like CUDA's '/': Triton's default fp32 divide is approximate (14/7 could floor to 1)
+    bin_w = tl.math.div_rn(tl.maximum(ew - sw + 1, 1).to(tl.float32), PW * 1.0)
+    bin_h = tl.math.div_rn(tl.maximum(eh - sh + 1, 1).to(tl.float32), PH * 1.0)
+    # --- each lane's bin, offset by the box corner and clipped to the map ---
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < c * PH * PW
+    ch = offs // (PH * PW)
+    ph = (offs // PW) % PH
+    pw = offs % PW
+    hs = tl.minimum(tl.maximum(tl.floor(ph.to(tl.float32) * bin_h).to(tl.int32) + sh, 0), h)
+    he = tl.minimum(tl.maximum(tl.ceil((ph + 1).to(tl.float32) * bin_h).to(tl.int32) + sh, 0), h)
+    ws = tl.minimum(tl.maximum(tl.floor(pw.to(tl.float32) * bin_w).to(tl.int32) + sw, 0), w)
+    we = tl.minimum(tl.maximum(tl.ceil((pw + 1).to(tl.float32) * bin_w).to(tl.int32) + sw, 0), w)
+    bh = tl.where(valid, he - hs, 0)  # <= 0: empty bin
+    bw = tl.where(valid, we - ws, 0)
+    first = hs * w + ws  # flat index of the bin's top-left pixel
+    x_img = x_ptr + batch.to(tl.int64) * c * h * w  # int64: N*C*H*W can pass 2^31
+    lane_ptr = x_img + ch * (h * w) + first  # int32 offset inside one image (checked in the launcher)
+    # --- row-major scan with strict >, as in the reference: ties keep the first pixel, NaN never wins ---
+    acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32  # fp16/bf16 compare in fp32
+    best = tl.full([BLOCK], _NEG_FLT_MAX, acc_ty)
+    best_idx = tl.full([BLOCK], -1, tl.int32)
+    for dh in range(0, tl.max(bh)):
+        for dw in range(0, tl.max(bw)):
+            inside = (dh < bh) & (dw < bw)
+            v = tl.load(lane_ptr + dh * w + dw, mask=inside, other=float("-inf")).to(acc_ty)
+            take = v > best
+            best = tl.where(take, v, best)
+            if WRITE_ARGMAX:
+                best_idx = tl.where(take, first + dh * w + dw, best_idx)
+    best = tl.where((bh <= 0) | (bw <= 0), 0.0, best)
+    out_offs = roi * c * PH * PW + offs
+    tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=valid)
+    if WRITE_ARGMAX:
+        tl.store(argmax_ptr + out_offs, best_idx, mask=valid)
+
+
+@triton.jit
+def _roi_pool_bwd_kernel(
+    # pointers
+    grad_ptr,  # (K, C, PH, PW) gradient of the output, contiguous
+    argmax_ptr,  # (K, C, PH, PW) int32 from the forward
+    rois_ptr,  # (K, 5)
+    grad_in_ptr,  # (N, C, H, W) zero-filled fp32 (fp64 for fp64 input) accumulator
+    # sizes
+    c,  # channels
+    h,  # feature map height
+    w,  # feature map width
+    # meta
+    PHPW: tl.constexpr,  # bins per (RoI, channel)
+    BLOCK: tl.constexpr,  # outputs per program, same layout as the forward
+):
+    roi = tl.program_id(0).to(tl.int64)
+    batch = tl.load(rois_ptr + roi * 5).to(tl.int32)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < c * PHPW
+    idx = tl.load(argmax_ptr + roi * c * PHPW + offs, mask=valid, other=-1)
+    g = tl.load(grad_ptr + roi * c * PHPW + offs, mask=valid, other=0.0)
+    dst = grad_in_ptr + batch.to(tl.int64) * c * h * w + (offs // PHPW) * (h * w) + idx
+    # argmax -1 (empty bin) routes nothing; overlapping bins and RoIs add into the same pixel
+    tl.atomic_add(dst, g.to(grad_in_ptr.dtype.element_ty), mask=idx >= 0, sem="relaxed")
+
+
+def _settings(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for n = C*PH*PW outputs per RoI: 512-wide chunks, 4 warps (no spills on sm80/90)."""
+    return min(512, triton.next_power_of_2(n)), 4
+
+
+def _roi_pool_fwd_triton(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, need_argmax: bool):
+    k, (_, c, h, w) = rois.shape[0], x.shape
+    assert c * h * w < 2**31, "roi_pool: one image's C*H*W must fit in int32"
+    x, rois = x.contiguous(), rois.contiguous()
+    out = torch.empty((k, c, ph, pw), dtype=x.dtype, device=x.device)
+    argmax = torch.empty((k, c, ph, pw) if need_argmax else (0,), dtype=torch.int32, device=x.device)
+    if k == 0 or c == 0:
+        return out, argmax
+    block, warps = _settings(c * ph * pw)
+    grid = (k, triton.cdiv(c * ph * pw, block))  # RoIs on axis 0: it allows 2^31 programs, axis 1 only 65535
+    _roi_pool_fwd_kernel[grid](
+        x, rois, out, argmax, c, h, w, scale, PH=ph, PW=pw, WRITE_ARGMAX=need_argmax, BLOCK=block,
+        num_warps=warps,
+    )  # fmt: skip
+    return out, argmax
+
+
+def _roi_pool_bwd_triton(
+    grad: Tensor, rois: Tensor, argmax: Tensor, n: int, c: int, h: int, w: int
+) -> Tensor:
+    # fp32 accumulator: fp16/bf16 atomics are slow (and fail under the interpreter); cast at the end
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grad_in = torch.zeros((n, c, h, w), dtype=acc, device=grad.device)
+    k, phpw = argmax.shape[0], argmax.shape[2] * argmax.shape[3] if argmax.dim() == 4 else 0
+    if k > 0 and c > 0:
+        block, warps = _settings(c * phpw)
+        grid = (k, triton.cdiv(c * phpw, block))
+        _roi_pool_bwd_kernel[grid](
+            grad.contiguous(), argmax, rois.contiguous(), grad_in, c, h, w, PHPW=phpw, BLOCK=block,
+            num_warps=warps,
+        )  # fmt: skip
+    return grad_in.to(grad.dtype)
+
+
+def _bin_bounds(rois: Tensor, scale: float, ph: int, pw: int, h: int, w: int):
+    """Clipped bin edges, the kernel's fp32 math in torch: hs, he (K, PH) and ws, we (K, PW), int64."""
+    v = rois[:, 1:].float() * torch.tensor(scale, dtype=torch.float32)  # (K, 4) x1, y1, x2, y2 scaled
+    a = v.abs()
+    r = torch.where(a - a.floor() >= 0.5, a.floor() + 1, a.floor())  # C round(), see _round_half_away
+    sw, sh, ew, eh = torch.where(v < 0, -r, r).long().unbind(1)
+    bin_w = (ew - sw + 1).clamp(min=1).float() / pw
+    bin_h = (eh - sh + 1).clamp(min=1).float() / ph
+
+    def edges(bin_size, start, p, size):
+        i = torch.arange(p, dtype=torch.float32)
+        lo = (i * bin_size[:, None]).floor().long() + start[:, None]
+        hi = ((i + 1) * bin_size[:, None]).ceil().long() + start[:, None]
+        return lo.clamp(0, size), hi.clamp(0, size)
+
+    return (*edges(bin_h, sh, ph, h), *edges(bin_w, sw, pw, w))
+
+
+def _max_first_pixel(v: Tensor, i: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Max over dim 0 and, among the maxima, the smallest flat index: the reference's first pixel."""
+    best = v.amax(0)
+    if i is None:
+        return best, None
+    return best, torch.where(v == best, i, torch.iinfo(torch.int32).max).amin(0)
+
+
+def _range_max_table(xs: Tensor, levels_h: int, levels_w: int, need_argmax: bool):
+    """Rows (levels_h*levels_w*N*H*W + 1, C) of window maxima (and flat indices): row (i, j, n, h, w) covers
+    the 2^i x 2^j window at (h, w) of image n; the last row, (0, -1), is what an empty bin reads."""
+    n, h, w, c = xs.shape
+    rows_v = xs.new_empty((levels_h * levels_w * n * h * w + 1, c))
+    rows_i = torch.empty(rows_v.shape, dtype=torch.int32) if need_argmax else None
+    tab_v = rows_v[:-1].view(levels_h, levels_w, n, h, w, c)
+    tab_v[0, 0], rows_v[-1] = xs, 0  # 1 x 1 windows: the map itself
+    if need_argmax:
+        tab_i = rows_i[:-1].view(tab_v.shape)
+        tab_i[0, 0], rows_i[-1] = torch.arange(h * w, dtype=torch.int32).view(h, w, 1), -1  # at h*W + w
+    for i in range(levels_h):
+        for j in range(levels_w):
+            if i == j == 0:
+                continue
+            # double the windows of the level above (downwards) or of the level to the left (rightwards);
+            # windows that would pass the map's end are left unwritten: no bin reads them
+            src, dim, s = ((i - 1, 0), 1, 2 ** (i - 1)) if j == 0 else ((i, j - 1), 2, 2 ** (j - 1))
+            m = (h, w)[dim - 1] - s
+            lo, hi, dst = (
+                tab_v[src].narrow(dim, 0, m),
+                tab_v[src].narrow(dim, s, m),
+                tab_v[i, j].narrow(dim, 0, m),
+            )
+            if not need_argmax:
+                torch.maximum(lo, hi, out=dst)
+                continue
+            lo_i, hi_i = tab_i[src].narrow(dim, 0, m), tab_i[src].narrow(dim, s, m)
+            take_hi = (hi > lo) | ((hi == lo) & (hi_i < lo_i))  # a tie keeps the smaller flat index
+            torch.where(take_hi, hi_i, lo_i, out=tab_i[i, j].narrow(dim, 0, m))
+            torch.where(take_hi, hi, lo, out=dst)
+    return rows_v, rows_i
+
+
+def _roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, need_argmax: bool):
+    # Range-max table (a 2-D sparse table): any bin is the max of the four power-of-two windows at its
+    # corners, which overlap (harmless for a max; ties take the smallest flat index = the reference's first
+    # pixel). Channels last, so each gathered table row is a contiguous C-vector.
+    (n, c, h, w), k = x.shape, rois.shape[0]
+    argmax_shape = (k, c, ph, pw) if need_argmax else (0,)
+    if k == 0 or c * h * w == 0:  # no RoI, or every bin empty
+        return x.new_zeros((k, c, ph, pw)), torch.full(argmax_shape, -1, dtype=torch.int32)
+    hs, he, ws, we = _bin_bounds(rois, scale, ph, pw, h, w)
+    bh, bw = (he - hs)[:, :, None], (we - ws)[:, None, :]  # (K, PH, 1), (K, 1, PW)
+    levels_h, levels_w = max(int(bh.max()).bit_length(), 1), max(int(bw.max()).bit_length(), 1)
+    kh = sum(((bh >= 2**i).long() for i in range(1, levels_h)), torch.zeros_like(bh))  # floor(log2 height)
+    kw = sum(((bw >= 2**i).long() for i in range(1, levels_w)), torch.zeros_like(bw))
+    top, bottom = hs[:, :, None], (he[:, :, None] - 2**kh).clamp(min=0)
+    left, right = ws[:, None, :], (we[:, None, :] - 2**kw).clamp(min=0)
+    base = ((kh * levels_w + kw) * n + rois[:, 0].long()[:, None, None]) * (h * w)  # (K, PH, PW)
+    empty_row = levels_h * levels_w * n * h * w
+    corners = torch.stack([base + row * w + col for row in (top, bottom) for col in (left, right)])
+    corners = torch.where((bh <= 0) | (bw <= 0), empty_row, corners).view(4, -1)  # (4, K*PH*PW) table rows
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.to(acc).permute(0, 2, 3, 1)  # (N, H, W, C)
+    xs = torch.where(xs > -_FLT_MAX, xs, -_FLT_MAX)  # NaN and <= -FLT_MAX never win: the reference's -FLT_MAX
+    out = torch.empty((k, c, ph, pw), dtype=x.dtype)
+    argmax = torch.empty(argmax_shape, dtype=torch.int32)
+    c_step = max(1, _TABLE_BUDGET // empty_row)  # channel blocks bound the table memory
+    r_step = max(1, _GATHER_BUDGET // (4 * ph * pw * min(c, c_step))) * ph * pw  # whole RoIs per step
+    for c0 in range(0, c, c_step):
+        cb = min(c_step, c - c0)
+        rows_v, rows_i = _range_max_table(xs[..., c0 : c0 + cb], levels_h, levels_w, need_argmax)
+        for r0 in range(0, k * ph * pw, r_step):
+            sel = corners[:, r0 : r0 + r_step]
+            k0, kc, m = r0 // (ph * pw), sel.shape[1] // (ph * pw), sel.shape[1]
+            v = rows_v.index_select(0, sel.reshape(-1)).view(4, m, cb)
+            i = rows_i.index_select(0, sel.reshape(-1)).view(4, m, cb) if need_argmax else None
+            best_v, best_i = _max_first_pixel(v, i)  # (m, cb)
+            out[k0 : k0 + kc, c0 : c0 + cb] = best_v.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+            if need_argmax:  # nothing beat -FLT_MAX: argmax -1
+                best_i = torch.where(best_v > -_FLT_MAX, best_i, -1)
+                argmax[k0 : k0 + kc, c0 : c0 + cb] = best_i.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+    return out, argmax
+
+
+def _roi_pool_bwd_cpu(grad: Tensor, rois: Tensor, argmax: Tensor, n: int, c: int, h: int, w: int) -> Tensor:
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grad_in = torch.zeros(n * c * h * w + 1, dtype=acc)  # + a bin for argmax -1 (empty bins), dropped below
+    k = argmax.shape[0]
+    if k > 0 and c > 0:
+        plane = (rois[:, 0].long()[:, None] * c + torch.arange(c)) * (h * w)  # (K, C) start of each plane
+        arg = argmax.view(k, c, -1).long()  # (K, C, PH*PW)
+        idx = torch.where(arg >= 0, plane[:, :, None] + arg, n * c * h * w)
+        grad_in.index_add_(0, idx.view(-1), grad.reshape(-1).to(acc))
+    return grad_in[:-1].view(n, c, h, w).to(grad.dtype)
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
+
+
+def _check_roi_values(rois: Tensor, n: int, scale: float) -> None:
+    """Batch indices in [0, N) and finite, fp32-exact coordinates; one host sync for all of them."""
+    if rois.shape[0] == 0:
+        return
+    bad_batch = ~((rois[:, 0] >= 0) & (rois[:, 0] < n))  # also catches NaN
+    not_finite = ~torch.isfinite(rois[:, 1:]).all(1)
+    too_far = ~((rois[:, 1:].double() * scale).abs() < _MAX_COORD).all(1)
+    flags = torch.stack([bad_batch.any(), not_finite.any(), too_far.any()]).tolist()  # the one sync
+    problems = {
+        "batch index": f"outside [0, N) with N={n}",
+        "coordinates": "are not finite",
+        "box": f"lies beyond {_MAX_COORD:.0f} feature cells (coordinate * spatial_scale)",
+    }
+    for flag, bad, (what, problem) in zip(flags, (bad_batch, not_finite, too_far), problems.items()):
+        if flag:
+            row = int(bad.nonzero()[0])  # error path only: a second sync to name the row
+            raise ValueError(f"roi_pool: rois[{row}] = {rois[row].tolist()}: {what} {problem}")
+
+
+@torch.library.custom_op("frcnn::roi_pool_fwd", mutates_args=())
+def _roi_pool_fwd_op(
+    input: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    need_argmax: bool,
+) -> tuple[Tensor, Tensor]:
+    _check_roi_values(rois, input.shape[0], spatial_scale)
+    backend = "triton" if _use_triton(input) else "cpu"
+    backend_calls[backend] += 1
+    fwd = _roi_pool_fwd_triton if backend == "triton" else _roi_pool_fwd_cpu
+    return fwd(input, rois, spatial_scale, pooled_height, pooled_width, need_argmax)
+
+
+@_roi_pool_fwd_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, need_argmax):
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape if need_argmax else (0,), dtype=torch.int32)
+
+
+@torch.library.custom_op("frcnn::roi_pool_bwd", mutates_args=())
+def _roi_pool_bwd_op(
+    grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: int, channels: int, height: int, width: int
+) -> Tensor:
+    backend = "triton" if _use_triton(grad) else "cpu"
+    backend_calls[backend] += 1
+    bwd = _roi_pool_bwd_triton if backend == "triton" else _roi_pool_bwd_cpu
+    return bwd(grad, rois, argmax, batch_size, channels, height, width)
+
+
+@_roi_pool_bwd_op.register_fake
+def _(grad, rois, argmax, batch_size, channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois = inputs[0], inputs[1]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(rois, output[1])
+    ctx.input_shape = input.shape
+
+
+def _backward(ctx, grad_out, _grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    if argmax.numel() != grad_out.numel():
+        raise RuntimeError("roi_pool: the forward ran with need_argmax=False, so it cannot backpropagate")
+    grad_in = torch.ops.frcnn.roi_pool_bwd(grad_out, rois, argmax, *ctx.input_shape)
+    return grad_in, None, None, None, None, None
+
+
+_roi_pool_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_args(input: Tensor, rois: Tensor, output_size, spatial_scale: float) -> tuple[int, int]:
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError(
+            f"roi_pool: input must be a 4-D [N, C, H, W] tensor, got {getattr(input, 'shape', input)}"
+        )
+    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"roi_pool: input dtype {input.dtype} is not a float16/bfloat16/float32/float64")
+    if input.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"roi_pool: input on {input.device}; only cpu and cuda are supported")
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(
+            f"roi_pool: rois must be [K, 5] (batch_index, x1, y1, x2, y2), got {list(rois.shape)}"
+        )
+    if rois.device != input.device:
+        raise ValueError(f"roi_pool: rois on {rois.device} but input on {input.device}")
+    if rois.dtype != input.dtype:
+        raise ValueError(f"roi_pool: rois dtype {rois.dtype} does not match input dtype {input.dtype}")
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+        raise ValueError(f"roi_pool: output_size must be an int or (h, w) of ints >= 1, got {output_size}")
+    if not spatial_scale > 0 or spatial_scale == float("inf"):
+        raise ValueError(f"roi_pool: spatial_scale must be a finite number > 0, got {spatial_scale}")
+    return size
+
+
+def _as_rois(input: Tensor, boxes: Tensor | list[Tensor]) -> Tensor:
+    """[K, 5] rois from either [K, 5] or a list of per-image [L, 4] boxes (torchvision's two formats)."""
+    if isinstance(boxes, Tensor):
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError(
+            f"roi_pool: boxes must be a [K, 5] tensor or a list of [L, 4] tensors, got {type(boxes)}"
+        )
+    for i, b in enumerate(boxes):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"roi_pool: boxes[{i}] must be an [L, 4] tensor, got {getattr(b, 'shape', b)}")
+    if not boxes:
+        return input.new_zeros((0, 5))
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+
+
+def roi_pool(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+) -> Tensor:
+    """RoI max pooling, a drop-in for torchvision.ops.roi_pool (same semantics, argmax kept for backward).
+
+    Args:
+        input: (N, C, H, W) feature map.
+        boxes: (K, 5) rows of (batch_index, x1, y1, x2, y2) in image pixels, or a list of N (L_i, 4) boxes.
+        output_size: pooled (h, w), or one int for both.
+        spatial_scale: image pixels -> feature cells (1/16 for VGG16 conv5).
+    Returns:
+        (K, C, h, w) tensor in the input's dtype.
+    """
+    rois = _as_rois(input, boxes)
+    ph, pw = _check_args(input, rois, output_size, spatial_scale)
+    need_argmax = torch.is_grad_enabled() and input.requires_grad  # no grad: skip the argmax writes
+    out, _ = torch.ops.frcnn.roi_pool_fwd(input, rois, float(spatial_scale), ph, pw, need_argmax)
+    return out
+
+
+class RoIPool(nn.Module):
+    """`roi_pool` as a module (torchvision.ops.RoIPool)."""
+
+    def __init__(self, output_size: int | tuple[int, int], spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+        )

