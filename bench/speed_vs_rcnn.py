@@ -356,6 +356,7 @@ def summarize(per_net: dict, disk: dict, cfg: Config, device_name: str, wall_s: 
 def print_report(res: dict) -> None:
     """Table 4 (ours above the paper's figures), the test breakdown with FLOPs, the training estimates."""
     nets, table = list(res["nets"]), res["table"]
+    nw = max(4, *(len(n) + 1 for n in nets))  # the net column of the breakdowns
     groups = [("frcn", "Fast R-CNN"), ("rcnn", "R-CNN"), ("spp5", "SPPnet 5-scale")]
     width = max(10 * len(nets), 16)
     print(f"\nTable 4 on {res['device']} (paper: one K40 GPU). Train times are ESTIMATES: unit times measured"
@@ -375,19 +376,19 @@ def print_report(res: dict) -> None:
             print(f"{label if who == 'ours' else '':<17}{who:>6} {cells}")
     print("\nTest time per image and FLOPs. FLOP ratio = R-CNN FLOPs / method FLOPs, the arithmetic a method"
           " saves; a speedup above or below it comes from the implementation.")
-    print(f"{'net':<4}{'method':<17}{'s/image':>9}{'GFLOP/im':>10}{'FLOP ratio':>11}{'speedup':>9}"
+    print(f"{'net':<{nw}}{'method':<17}{'s/image':>9}{'GFLOP/im':>10}{'FLOP ratio':>11}{'speedup':>9}"
           f"{'GFLOP/s':>9}  how")
     for n in nets:
         r = res["nets"][n]
         for m, title in METHODS.items():
             s, g = r["test_s"][m], r["gflops"][m]
-            print(f"{n:<4}{title:<17}{s:>9.4g}{g:>10.4g}{r['gflops']['rcnn'] / g:>11.3g}"
+            print(f"{n:<{nw}}{title:<17}{s:>9.4g}{g:>10.4g}{r['gflops']['rcnn'] / g:>11.3g}"
                   f"{r['test_s']['rcnn'] / s:>9.3g}{g / s:>9.3g}  {r['test_how'][m]}")
     print("\nTraining = unit time measured here x count. Not modelled, so the R-CNN and SPPnet totals are"
           " lower bounds: liblinear solves, box-regressor fitting, data loading.")
     for n in nets:
         for e in res["nets"][n]["train_estimates"]:
-            print(f"{n:<4}{e['method']:<11}{e['stage']:<15}{e['unit_s']:>10.4g} s x {e['count']:>7} "
+            print(f"{n:<{nw}}{e['method']:<11}{e['stage']:<15}{e['unit_s']:>10.4g} s x {e['count']:>7} "
                   f"= {e['hours']:>9.3g} h  [{e['unit']}; count: {e['count_source']}]")
     d = res["disk"]
     print(f"(disk {d['write_mb_s']:.0f} MB/s write, {d['read_mb_s']:.0f} MB/s read;"
@@ -412,7 +413,7 @@ def write_outputs(res: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     nets = list(res["nets"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, row, methods, ylabel in ((axes[0], "test_s", list(METHODS), "test time (s / image)"),
                                      (axes[1], "train_h", list(TRAINED), "train time (hours, estimated)")):
         bar = 0.8 / len(methods)
@@ -425,7 +426,7 @@ def write_outputs(res: dict, out: Path) -> None:
             ax.scatter([x for x, _ in paper], [v for _, v in paper], marker="_", s=200, c="k", zorder=3)
         ax.set(xticks=range(len(nets)), xticklabels=nets, yscale="log", ylabel=ylabel)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.suptitle(f"Table 4 re-measured on {res['device']} (bars), the paper on a K40 (ticks)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "speed_vs_rcnn.png", dpi=120)

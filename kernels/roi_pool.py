@@ -14,8 +14,10 @@ Backward routes each output gradient to its argmax with an fp32 atomic add, like
 so the summation order (and the last bits of the gradient) can vary from run to run. The original Caffe
 backward was a deterministic gather, at O(R) cost per input pixel.
 
-Devices: CUDA tensors run the Triton kernels; CPU tensors run `_roi_pool_fwd_cpu` (a range-max table, no
-Python loop per RoI), or the Triton kernels through the interpreter when TRITON_INTERPRET=1 is set.
+Devices: CUDA tensors run the Triton kernels; CPU tensors run `_roi_pool_fwd_cpu` (torch ops over all RoIs
+at once: a range-max table or grouped bin windows), or the Triton kernels through the interpreter when
+TRITON_INTERPRET=1 is set. Outputs agree exactly, except that where a bin's maximum is a zero and the
+window holds both -0.0 and +0.0 the CPU path may return the other sign of zero.
 """
 
 import os
@@ -31,7 +33,8 @@ _FLT_MAX = 3.4028234663852886e38  # the scan's starting value in the reference, 
 _NEG_FLT_MAX = tl.constexpr(-_FLT_MAX)  # the same, visible inside @triton.jit
 _MAX_COORD = 2.0**24  # |coordinate * scale| beyond this is not an integer-exact fp32 pixel
 _TABLE_BUDGET = 1 << 25  # CPU path: elements of one range-max table (128 MiB fp32); more: channel blocks
-_GATHER_BUDGET = 1 << 20  # CPU path: elements gathered per step (4 MiB fp32: few, cache-sized ops)
+_CPU_METHOD = None  # CPU path without argmax: None picks "table" or "windows" by cost; tests force each
+_GATHER_BUDGET = 1 << 22  # CPU path: elements gathered per step (16 MiB fp32): few, large ops
 backend_calls = {"triton": 0, "cpu": 0}  # which path ran; the interpreter tests check it really was Triton
 
 
@@ -192,25 +195,13 @@ def _bin_bounds(rois: Tensor, scale: float, ph: int, pw: int, h: int, w: int):
     return (*edges(bin_h, sh, ph, h), *edges(bin_w, sw, pw, w))
 
 
-def _max_first_pixel(v: Tensor, i: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Max over dim 0 and, among the maxima, the smallest flat index: the reference's first pixel."""
-    best = v.amax(0)
-    if i is None:
-        return best, None
-    return best, torch.where(v == best, i, torch.iinfo(torch.int32).max).amin(0)
-
-
-def _range_max_table(xs: Tensor, levels_h: int, levels_w: int, need_argmax: bool):
-    """Rows (levels_h*levels_w*N*H*W + 1, C) of window maxima (and flat indices): row (i, j, n, h, w) covers
-    the 2^i x 2^j window at (h, w) of image n; the last row, (0, -1), is what an empty bin reads."""
-    n, h, w, c = xs.shape
-    rows_v = xs.new_empty((levels_h * levels_w * n * h * w + 1, c))
-    rows_i = torch.empty(rows_v.shape, dtype=torch.int32) if need_argmax else None
-    tab_v = rows_v[:-1].view(levels_h, levels_w, n, h, w, c)
-    tab_v[0, 0], rows_v[-1] = xs, 0  # 1 x 1 windows: the map itself
-    if need_argmax:
-        tab_i = rows_i[:-1].view(tab_v.shape)
-        tab_i[0, 0], rows_i[-1] = torch.arange(h * w, dtype=torch.int32).view(h, w, 1), -1  # at h*W + w
+def _range_max_table(t: Tensor, levels_h: int, levels_w: int) -> Tensor:
+    """(levels_h*levels_w*N*H*W + 1, C) rows: row (i, j, n, h, w) is the max of t over the 2^i x 2^j window
+    at (h, w) of image n; the last row holds 0, what an empty bin reads."""
+    n, h, w, c = t.shape
+    rows = t.new_empty((levels_h * levels_w * n * h * w + 1, c))
+    tab = rows[:-1].view(levels_h, levels_w, n, h, w, c)
+    tab[0, 0], rows[-1] = t, 0  # 1 x 1 windows: the map itself
     for i in range(levels_h):
         for j in range(levels_w):
             if i == j == 0:
@@ -219,61 +210,97 @@ def _range_max_table(xs: Tensor, levels_h: int, levels_w: int, need_argmax: bool
             # windows that would pass the map's end are left unwritten: no bin reads them
             src, dim, s = ((i - 1, 0), 1, 2 ** (i - 1)) if j == 0 else ((i, j - 1), 2, 2 ** (j - 1))
             m = (h, w)[dim - 1] - s
-            lo, hi, dst = (
-                tab_v[src].narrow(dim, 0, m),
-                tab_v[src].narrow(dim, s, m),
-                tab_v[i, j].narrow(dim, 0, m),
+            torch.maximum(
+                tab[src].narrow(dim, 0, m), tab[src].narrow(dim, s, m), out=tab[i, j].narrow(dim, 0, m)
             )
-            if not need_argmax:
-                torch.maximum(lo, hi, out=dst)
-                continue
-            lo_i, hi_i = tab_i[src].narrow(dim, 0, m), tab_i[src].narrow(dim, s, m)
-            take_hi = (hi > lo) | ((hi == lo) & (hi_i < lo_i))  # a tie keeps the smaller flat index
-            torch.where(take_hi, hi_i, lo_i, out=tab_i[i, j].narrow(dim, 0, m))
-            torch.where(take_hi, hi, lo, out=dst)
-    return rows_v, rows_i
+    return rows
 
 
-def _roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, need_argmax: bool):
-    # Range-max table (a 2-D sparse table): any bin is the max of the four power-of-two windows at its
-    # corners, which overlap (harmless for a max; ties take the smallest flat index = the reference's first
-    # pixel). Channels last, so each gathered table row is a contiguous C-vector.
-    (n, c, h, w), k = x.shape, rois.shape[0]
-    argmax_shape = (k, c, ph, pw) if need_argmax else (0,)
-    if k == 0 or c * h * w == 0:  # no RoI, or every bin empty
-        return x.new_zeros((k, c, ph, pw)), torch.full(argmax_shape, -1, dtype=torch.int32)
-    hs, he, ws, we = _bin_bounds(rois, scale, ph, pw, h, w)
+def _pool_table(t: Tensor, batch: Tensor, hs, he, ws, we, emit) -> None:
+    # Range-max (sparse) table: any bin is the max of the four power-of-two windows at its corners, which
+    # overlap (harmless for a max). Cost ~ map size x levels + 4 rows per bin. Values only, no argmax.
+    n, h, w, c = t.shape
+    k, ph, pw = hs.shape[0], hs.shape[1], ws.shape[1]
     bh, bw = (he - hs)[:, :, None], (we - ws)[:, None, :]  # (K, PH, 1), (K, 1, PW)
     levels_h, levels_w = max(int(bh.max()).bit_length(), 1), max(int(bw.max()).bit_length(), 1)
     kh = sum(((bh >= 2**i).long() for i in range(1, levels_h)), torch.zeros_like(bh))  # floor(log2 height)
     kw = sum(((bw >= 2**i).long() for i in range(1, levels_w)), torch.zeros_like(bw))
     top, bottom = hs[:, :, None], (he[:, :, None] - 2**kh).clamp(min=0)
     left, right = ws[:, None, :], (we[:, None, :] - 2**kw).clamp(min=0)
-    base = ((kh * levels_w + kw) * n + rois[:, 0].long()[:, None, None]) * (h * w)  # (K, PH, PW)
+    base = ((kh * levels_w + kw) * n + batch[:, None, None]) * (h * w)  # (K, PH, PW)
     empty_row = levels_h * levels_w * n * h * w
     corners = torch.stack([base + row * w + col for row in (top, bottom) for col in (left, right)])
     corners = torch.where((bh <= 0) | (bw <= 0), empty_row, corners).view(4, -1)  # (4, K*PH*PW) table rows
+    c_step = max(1, _TABLE_BUDGET // empty_row)  # channel blocks bound the table memory
+    r_step = max(1, _GATHER_BUDGET // (4 * ph * pw * min(c, c_step))) * ph * pw  # whole RoIs per step
+    for c0 in range(0, c, c_step):
+        rows = _range_max_table(t[..., c0 : c0 + c_step], levels_h, levels_w)
+        for r0 in range(0, k * ph * pw, r_step):
+            sel = corners[:, r0 : r0 + r_step]
+            emit(r0 // (ph * pw), c0, rows.index_select(0, sel.reshape(-1)).view(4, sel.shape[1], -1).amax(0))
 
+
+def _pool_windows(t: Tensor, batch: Tensor, hs, he, ws, we, emit, need_argmax: bool) -> None:
+    # Gather every bin's window, bins grouped by window shape (one gather + one amax per group and chunk).
+    # Cost ~ the summed bin areas, no padding. The argmax is the first window position equal to the max.
+    n, h, w, c = t.shape
+    k, ph, pw = hs.shape[0], hs.shape[1], ws.shape[1]
+    bh = (he - hs)[:, :, None].expand(k, ph, pw).reshape(-1)  # (K*PH*PW,)
+    bw = (we - ws)[:, None, :].expand(k, ph, pw).reshape(-1)
+    first = (hs[:, :, None] * w + ws[:, None, :]).reshape(-1)  # flat index of each bin's top-left pixel
+    top_left = batch.repeat_interleave(ph * pw) * (h * w) + first  # its row in t
+    rows = t.reshape(n * h * w, c)
+    best = t.new_zeros((k * ph * pw, c))  # empty bins keep (0, -1)
+    best_i = torch.full((k * ph * pw, c), -1, dtype=torch.int32) if need_argmax else None
+    shapes = (bh * (w + 1) + bw)[(bh > 0) & (bw > 0)].unique().tolist()  # window shapes, one int each
+    for sh, sw in (divmod(shape, w + 1) for shape in shapes):
+        offs = (torch.arange(sh)[:, None] * w + torch.arange(sw)).reshape(-1)  # the window, row-major
+        # area..1: the largest weight on a match is the first one (small ints: a cheap amax)
+        weight = torch.arange(sh * sw, 0, -1, dtype=torch.uint8 if sh * sw < 256 else torch.int32)[:, None]
+        group = ((bh == sh) & (bw == sw)).nonzero().squeeze(1)
+        for part in group.split(max(1, _GATHER_BUDGET // (sh * sw * c))):
+            window = (top_left[part][:, None] + offs).reshape(-1)  # (bins * sh * sw,) rows of t
+            v = rows.index_select(0, window).view(len(part), sh * sw, c)
+            best[part] = v.amax(1)
+            if need_argmax:
+                pos = sh * sw - ((v == best[part][:, None]) * weight).amax(1).long()  # first max, row-major
+                best_i[part] = (first[part][:, None] + offs[pos]).int()
+    emit(0, 0, best, best_i)
+
+
+def _roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, need_argmax: bool):
+    # Channels last, so that each gathered row is a pixel's C-vector. Two exact methods, the cheaper by a
+    # rough count of rows touched: bin windows for few RoIs (training; the only one that finds argmaxes)
+    # and the range-max table for many (test time: 2000 proposals).
+    (n, c, h, w), k = x.shape, rois.shape[0]
+    argmax_shape = (k, c, ph, pw) if need_argmax else (0,)
+    if k == 0 or c * h * w == 0:  # no RoI, or every bin empty
+        return x.new_zeros((k, c, ph, pw)), torch.full(argmax_shape, -1, dtype=torch.int32)
+    hs, he, ws, we = _bin_bounds(rois, scale, ph, pw, h, w)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs = x.to(acc).permute(0, 2, 3, 1)  # (N, H, W, C)
     xs = torch.where(xs > -_FLT_MAX, xs, -_FLT_MAX)  # NaN and <= -FLT_MAX never win: the reference's -FLT_MAX
     out = torch.empty((k, c, ph, pw), dtype=x.dtype)
     argmax = torch.empty(argmax_shape, dtype=torch.int32)
-    c_step = max(1, _TABLE_BUDGET // empty_row)  # channel blocks bound the table memory
-    r_step = max(1, _GATHER_BUDGET // (4 * ph * pw * min(c, c_step))) * ph * pw  # whole RoIs per step
-    for c0 in range(0, c, c_step):
-        cb = min(c_step, c - c0)
-        rows_v, rows_i = _range_max_table(xs[..., c0 : c0 + cb], levels_h, levels_w, need_argmax)
-        for r0 in range(0, k * ph * pw, r_step):
-            sel = corners[:, r0 : r0 + r_step]
-            k0, kc, m = r0 // (ph * pw), sel.shape[1] // (ph * pw), sel.shape[1]
-            v = rows_v.index_select(0, sel.reshape(-1)).view(4, m, cb)
-            i = rows_i.index_select(0, sel.reshape(-1)).view(4, m, cb) if need_argmax else None
-            best_v, best_i = _max_first_pixel(v, i)  # (m, cb)
-            out[k0 : k0 + kc, c0 : c0 + cb] = best_v.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
-            if need_argmax:  # nothing beat -FLT_MAX: argmax -1
-                best_i = torch.where(best_v > -_FLT_MAX, best_i, -1)
-                argmax[k0 : k0 + kc, c0 : c0 + cb] = best_i.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+
+    def emit(k0, c0, best, best_i=None):  # (kc*PH*PW, cb) results for RoIs k0.. and channels c0..
+        kc, cb = best.shape[0] // (ph * pw), best.shape[1]
+        out[k0 : k0 + kc, c0 : c0 + cb] = best.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+        if need_argmax:  # nothing beat -FLT_MAX: argmax -1
+            best_i = torch.where(best > -_FLT_MAX, best_i, -1)
+            argmax[k0 : k0 + kc, c0 : c0 + cb] = best_i.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+
+    bh, bw = (he - hs).clamp(min=0), (we - ws).clamp(min=0)
+    window_cost = int((bh[:, :, None] * bw[:, None, :]).sum())
+    table_cost = max(int(bh.max()).bit_length(), 1) * max(int(bw.max()).bit_length(), 1) * n * h * w
+    table_cost += 4 * k * ph * pw
+    # (the windows' per-shape overhead only pays off on real work: small calls keep the table)
+    cheaper = "windows" if window_cost < table_cost and window_cost * c > 1 << 20 else "table"
+    xs, batch = xs.contiguous(), rois[:, 0].long()
+    if need_argmax or (_CPU_METHOD or cheaper) == "windows":
+        _pool_windows(xs, batch, hs, he, ws, we, emit, need_argmax)
+    else:
+        _pool_table(xs, batch, hs, he, ws, we, emit)
     return out, argmax
 
 

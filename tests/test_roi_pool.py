@@ -274,15 +274,22 @@ def test_triton_matches_cpu_path():
 
 
 @pytest.mark.skipif(INTERPRET, reason="CPU path only")
-def test_cpu_path_in_small_chunks(monkeypatch):
-    # shrink the memory budgets so the table is built per channel block and the gathers run in many chunks
-    monkeypatch.setattr(R, "_TABLE_BUDGET", 200)
-    monkeypatch.setattr(R, "_GATHER_BUDGET", 1)
-    for name in ("two_images_7x7", "large_bins"):
-        x, rois, scale, ph, pw = run_case(name, torch.float32, "ties")
-        out, arg = R._roi_pool_fwd_cpu(x, rois, scale, ph, pw, True)
-        want, want_arg = oracle(x, rois, scale, ph, pw)
-        assert torch.equal(out.double(), want) and torch.equal(arg, want_arg)
+@pytest.mark.parametrize("method", ["table", "windows"])
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_both_cpu_methods(monkeypatch, method, small_chunks):
+    # without argmax the CPU path picks one of two exact methods by cost (with argmax: windows): force each
+    monkeypatch.setattr(R, "_CPU_METHOD", method)
+    if small_chunks:  # tables per channel block, gathers in many steps
+        monkeypatch.setattr(R, "_TABLE_BUDGET", 200)
+        monkeypatch.setattr(R, "_GATHER_BUDGET", 1)
+    for name in CASES:
+        for dtype, kind in [(torch.float32, "ties"), (torch.float64, "randn")]:
+            x, rois, scale, ph, pw = run_case(name, dtype, kind)
+            for need_argmax in (True, False):
+                out, arg = R._roi_pool_fwd_cpu(x, rois, scale, ph, pw, need_argmax)
+                want, want_arg = oracle(x, rois, scale, ph, pw)
+                assert torch.equal(out.double(), want), (name, dtype)
+                assert torch.equal(arg, want_arg if need_argmax else arg.new_empty(0)), (name, dtype)
 
 
 @pytest.mark.skipif(INTERPRET, reason="slow CPU-only check at the paper's test-time shape")
