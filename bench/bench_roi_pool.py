@@ -16,7 +16,6 @@ those bytes at the measured device copy bandwidth.
 """
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds kernels/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds bench/, kernels/
+from bench.common import QUANTILES, print_header, pyplot, save_results  # noqa: E402
 from kernels.roi_pool import roi_pool  # noqa: E402
 
 try:
@@ -40,8 +40,6 @@ SHAPES = {  # name: (N, C, H, W, K, image height, image width, with gradient)
     "train": (2, 512, 38, 50, 128, 600, 800, True),
 }
 SCALE, POOL = 1 / 16, 7  # VGG16 conv5 stride, pool5 size
-QUANTILES = [0.5, 0.2, 0.8]
-OUT = Path(__file__).resolve().parent / "out"
 
 
 def baseline_roi_pool(x, rois, output_size, spatial_scale):
@@ -116,7 +114,7 @@ def main() -> None:
     print(title)
     header = ["shape", "device", "provider", "ms", "20%", "80%", "GB/s", "x floor", "vs ours", "same"]
     widths = [6, 6, 15, 10, 10, 10, 8, 8, 8, 9]
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
+    print_header(header, widths)
 
     rows = []
     for device in devices:
@@ -157,21 +155,11 @@ def main() -> None:
                 print(f"{shape_name:>6} {device:>6} {provider:>15} {ms:10.3f} {lo:10.3f} {hi:10.3f} "
                       f"{gbps:8.2f} {floor:>8} {ms / ours_ms:8.2f} {same:9.6f}")  # fmt: skip
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "roi_pool.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, title)
-    print(f"wrote {OUT / 'roi_pool.csv'} and {OUT / 'roi_pool.png'}")
+    save_results(rows, "roi_pool", lambda rows: plot(rows, title))
 
 
-def plot(rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], title: str):
+    plt = pyplot()
     groups = sorted({(r["shape"], r["device"]) for r in rows}, key=lambda g: (g[1], g[0]))
     names = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -189,7 +177,7 @@ def plot(rows: list[dict], title: str) -> None:
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "roi_pool.png", dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ one fwd+bwd step runs (torch.profiler); on a CPU our op takes its torch path, no
 """
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -24,13 +23,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds kernels/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds bench/, kernels/
+from bench.common import QUANTILES, print_header, pyplot, save_results  # noqa: E402
 from kernels.smooth_l1 import smooth_l1_loss  # noqa: E402
 
 NUM_CLASSES = 21  # PASCAL VOC 20 + background; 4 box deltas per class
 ROIS = [128, 16384]  # paper §2.3: R = 128 per SGD minibatch; then a large point
-QUANTILES = [0.5, 0.2, 0.8]
-OUT = Path(__file__).resolve().parent / "out"
 
 
 def _make_batch(num_rois: int, device: str):
@@ -87,7 +85,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name} | torch {torch.__version__} | triton {triton.__version__}")
     header = ["R x 84", "provider", "mode", "ms", "20%", "80%", "GB/s", "launches"]
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, [12, 8, 8, 9, 9, 9, 8, 8])))
+    print_header(header, [12, 8, 8, 9, 9, 9, 8, 8])
 
     rows = []
     for num_rois in ROIS:
@@ -120,21 +118,11 @@ def main() -> None:
                 print(f"{num_rois:>7} x 84 {provider:>8} {mode:>8} {ms:9.4f} {lo:9.4f} {hi:9.4f} {gbps:8.2f} "
                       f"{launches:>8}")  # fmt: skip
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "smooth_l1.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(rows, name)
-    print(f"wrote {OUT / 'smooth_l1.csv'} and {OUT / 'smooth_l1.png'}")
+    save_results(rows, "smooth_l1", lambda rows: _plot(rows, name))
 
 
-def _plot(rows: list[dict], name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(rows: list[dict], name: str):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for provider in ("fused", "torch"):
@@ -148,7 +136,7 @@ def _plot(rows: list[dict], name: str) -> None:
     axes[0].legend()
     fig.suptitle(f"smooth-L1 box loss: {name}, torch {torch.__version__}, triton {triton.__version__}")
     fig.tight_layout()
-    fig.savefig(OUT / "smooth_l1.png", dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

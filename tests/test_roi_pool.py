@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import roi_pool_cpu
 from kernels.roi_pool import RoIPool, _roi_pool_bwd_kernel, _roi_pool_fwd_kernel, _settings, roi_pool
 
 R = importlib.import_module("kernels.roi_pool")  # the module: kernels/__init__ re-exports the function's name
@@ -242,7 +243,7 @@ def test_boxes_list_and_module_match_tensor_format():
 
 def test_argmax_only_written_when_a_gradient_is_needed(monkeypatch):
     seen = []
-    fwd = R._roi_pool_fwd_triton if INTERPRET else R._roi_pool_fwd_cpu
+    fwd = R._roi_pool_fwd_triton if INTERPRET else R.roi_pool_fwd_cpu
     monkeypatch.setattr(R, fwd.__name__, lambda *a: seen.append(a[-1]) or fwd(*a))
     x, rois, scale, ph, pw = run_case("half_points", torch.float32)
     roi_pool(x, rois, ph, scale)  # no requires_grad
@@ -269,7 +270,7 @@ def test_triton_matches_cpu_path():
     x, rois, scale, ph, pw = run_case("two_images_7x7", torch.float32, "ties")
     for need_argmax in (True, False):
         got = R._roi_pool_fwd_triton(x, rois, scale, ph, pw, need_argmax)
-        want = R._roi_pool_fwd_cpu(x, rois, scale, ph, pw, need_argmax)
+        want = roi_pool_cpu.roi_pool_fwd_cpu(x, rois, scale, ph, pw, need_argmax)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -278,15 +279,15 @@ def test_triton_matches_cpu_path():
 @pytest.mark.parametrize("small_chunks", [False, True])
 def test_both_cpu_methods(monkeypatch, method, small_chunks):
     # without argmax the CPU path picks one of two exact methods by cost (with argmax: windows): force each
-    monkeypatch.setattr(R, "_CPU_METHOD", method)
+    monkeypatch.setattr(roi_pool_cpu, "_CPU_METHOD", method)
     if small_chunks:  # tables per channel block, gathers in many steps
-        monkeypatch.setattr(R, "_TABLE_BUDGET", 200)
-        monkeypatch.setattr(R, "_GATHER_BUDGET", 1)
+        monkeypatch.setattr(roi_pool_cpu, "_TABLE_BUDGET", 200)
+        monkeypatch.setattr(roi_pool_cpu, "_GATHER_BUDGET", 1)
     for name in CASES:
         for dtype, kind in [(torch.float32, "ties"), (torch.float64, "randn")]:
             x, rois, scale, ph, pw = run_case(name, dtype, kind)
             for need_argmax in (True, False):
-                out, arg = R._roi_pool_fwd_cpu(x, rois, scale, ph, pw, need_argmax)
+                out, arg = roi_pool_cpu.roi_pool_fwd_cpu(x, rois, scale, ph, pw, need_argmax)
                 want, want_arg = oracle(x, rois, scale, ph, pw)
                 assert torch.equal(out.double(), want), (name, dtype)
                 assert torch.equal(arg, want_arg if need_argmax else arg.new_empty(0)), (name, dtype)

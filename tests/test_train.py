@@ -42,6 +42,14 @@ def test_loss_falls_and_outputs_are_written(tmp_path, tiny_data):
         assert (tmp_path / name).is_file(), name
     assert len(os.listdir(tmp_path / "results")) == len(shapes.SHAPE_CLASSES)
     assert "mAP" in out
+    # eval.py on the saved model: the same detections give the same mAP; a mismatched architecture is named.
+    evaluate = [sys.executable, os.path.join(REPO, "eval.py"), "--checkpoint", str(tmp_path / "final.pt")]
+    proc = subprocess.run([*evaluate, "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-9)
+    proc = subprocess.run([*evaluate, "--fc-dim", "64"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_resume_continues_exactly(tmp_path, tiny_data):
