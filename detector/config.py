@@ -102,8 +102,10 @@ PRESETS: dict[str, dict] = {
         warmup_iters=50,
         log_every=50,
         checkpoint_every=400,
-        svd_fc6=256,  # the paper's ranks (1024, 256) are for 4096-wide layers; this head is 1024 wide
-        svd_fc7=128,
+        # The paper's ranks (1024, 256) are for 4096-wide layers; this head is 1024 wide. Measured on the default
+        # run: 512/256 costs 1.5 mAP for 23% less test time, 256/128 costs 5.2 mAP for 29%.
+        svd_fc6=512,
+        svd_fc7=256,
     ),
 }
 
