@@ -55,8 +55,8 @@ def check_replicas(model: torch.nn.Module, world: int) -> None:
 
 def main() -> int:
     args = build_parser(__doc__).parse_args()
-    base = load_checkpoint(args.resume)["config"] if args.resume else None
-    cfg = resolve(args, base)
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    cfg = resolve(args, resumed["config"] if resumed else None)
 
     # --- distributed (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK) ---
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -105,13 +105,12 @@ def main() -> int:
     sampler = MinibatchSampler(train_records, train_props, cfg, len(classes), means, stds,
                                model.backbone.normalize, seed=cfg.seed + rank)
     start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"][rank] if world > 1 else ckpt["sampler"][0])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start = ckpt["iter"]
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        sampler.load_state_dict(resumed["sampler"][rank] if world > 1 else resumed["sampler"][0])
+        torch.set_rng_state(resumed["torch_rng"])
+        start = resumed["iter"]
         log(f"resumed from {args.resume} at iteration {start}")
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 

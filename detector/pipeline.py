@@ -100,11 +100,15 @@ def load_checkpoint(path: str) -> dict:
 
 def model_from_checkpoint(ckpt: dict, cfg, path: str) -> FastRCNN:
     model = build_model(cfg, len(ckpt["classes"]), weights="", log=lambda *_: None)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    bad = [k for k, v in ckpt["model"].items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if missing or unexpected or bad:
+    ours, theirs = model.state_dict(), ckpt["model"]
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    bad = [f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+           if k in theirs and theirs[k].shape != v.shape]
+    if missing or unexpected or bad:  # checked first: load_state_dict would raise a traceback on shapes
         raise SystemExit(f"checkpoint {path} does not fit backbone {cfg.backbone!r} with {len(ckpt['classes'])} "
                          f"classes: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
+    model.load_state_dict(theirs)
     return model
 
 
