@@ -73,8 +73,18 @@ class Backbone(nn.Module):
             return images.flip(1) - images.new_tensor(PIXEL_MEANS_BGR).view(1, 3, 1, 1)
         raise ValueError(f"pixel_format must be 'torchvision' or 'caffe', got {self.pixel_format!r}")
 
-    def freeze(self) -> None:
-        """Stop gradients into the layers the paper keeps fixed (conv1 for S/M, conv1_1..conv2_2 for L)."""
+    def freeze(self, layers: tuple[str, ...] | None = None) -> None:
+        """Stop gradients into the layers the paper keeps fixed (conv1 for S/M, conv1_1..conv2_2 for L).
+
+        Args:
+            layers: trunk submodule names to freeze instead of the paper's; the convs and fcs outside them train
+                again (frozen batch norm stays frozen).
+        """
+        if layers is not None:
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.requires_grad_(True)
+            self.frozen_layers = tuple(layers)
         for layer in self.frozen_layers:
             for p in self.trunk.get_submodule(layer).parameters():
                 p.requires_grad_(False)

@@ -75,12 +75,7 @@ def build_model(cfg, num_classes: int, weights: str | None = None, log=print) ->
         log(f"weights: {path}")
     elif weights is None:
         log("weights: none (random initialisation)")
-    if cfg.freeze:  # replace the paper's frozen set: unfreeze convs and fcs, then freeze the named layers
-        for m in backbone.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                m.requires_grad_(True)
-        backbone.frozen_layers = tuple(name.strip() for name in cfg.freeze.split(","))
-    backbone.freeze()
+    backbone.freeze(tuple(name.strip() for name in cfg.freeze.split(",")) if cfg.freeze else None)
     return FastRCNN(backbone, num_classes)
 
 

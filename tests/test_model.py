@@ -106,3 +106,12 @@ def test_svd_model_stays_close_to_the_full_model():
     p2, d2 = small(images, rois)
     torch.testing.assert_close(p2, probs, rtol=0, atol=2e-3)
     torch.testing.assert_close(d2, deltas, rtol=0, atol=2e-3)
+
+
+def test_freeze_replaces_the_papers_frozen_set():
+    backbone = build_backbone("mobilenet_v2", fc_dim=32)  # the paper's choice applied: blocks 0 and 1 frozen
+    backbone.freeze(("2", "3"))
+    trunk = backbone.trunk
+    assert all(p.requires_grad for n, p in trunk[0].named_parameters() if p.ndim == 4)  # block 0 trains again
+    assert not any(p.requires_grad for p in trunk[2].parameters())
+    assert not any(p.requires_grad for p in trunk[4].parameters() if p.ndim == 1)  # batch norm stays frozen
