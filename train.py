@@ -9,6 +9,7 @@ checkpoints -> final model -> evaluation.
 """
 
 import csv
+import gc
 import math
 import os
 import sys
@@ -174,6 +175,12 @@ def main() -> int:
     if world > 1:
         check_replicas(model, world)
         log(f"DDP: weights identical on all {world} ranks")
+        # The DDP reducer holds the process group and gloo's worker threads; free it now, while the interpreter is
+        # alive (left to interpreter shutdown, its teardown can abort the process: "terminate called without an
+        # active exception"), and leave the group only after every rank is done with it.
+        del train_model
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
         if not main_rank:
             return 0

@@ -65,7 +65,7 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_data):
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     out = train(tmp_path, tiny_data, "--iters", "4", "--evaluate", "false", launcher=launcher)
     assert "weights identical on all 2 ranks" in out
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
