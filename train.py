@@ -102,7 +102,7 @@ def main() -> int:
     model = build_model(cfg, len(classes), log=log).to(device)
     model.set_target_stats(means, stds)
     groups = param_groups(model, cfg.weight_decay, cfg.bias_lr_mult)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=device.type in ("cpu", "cuda"))
     sampler = MinibatchSampler(train_records, train_props, cfg, len(classes), means, stds,
                                model.backbone.normalize, seed=cfg.seed + rank)
     start = 0

@@ -190,6 +190,48 @@ def test_mobilenet_batchnorm_stays_in_eval_mode():
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # running stats untouched
 
 
+
+def unfolded_forward(trunk: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """MobileNetV2 the textbook way, every conv, BN and ReLU6 a separate step (no folding), as an oracle."""
+    def run(seq, y):
+        for m in seq:
+            y = m(y)  # Conv2d, FrozenBatchNorm2d and ReLU6 modules called one by one
+        return y
+
+    x = run(trunk[0], x)
+    for block in trunk[1:]:
+        y = x
+        for layer in block.conv:
+            y = run(layer, y) if isinstance(layer, torch.nn.Sequential) else layer(y)
+        x = x + y if block.use_residual else y
+    return x
+
+
+def test_mobilenet_folded_batchnorm_matches_unfolded_oracle():
+    torch.manual_seed(0)
+    net = build_backbone("mobilenet_v2")
+    net.freeze(("0", "1", "2"))
+    for m in net.modules():  # statistics far from the identity, so a wrong fold shows
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    net = net.double()
+    ours = net.trunk(x)
+    expected = unfolded_forward(net.trunk, x)
+    torch.testing.assert_close(ours, expected)
+    # the gradient reaches the convs' own weights as without folding; frozen layers get none
+    g = torch.randn_like(ours)
+    trained = [p for p in net.trunk.parameters() if p.requires_grad]
+    ours_grads = torch.autograd.grad(ours, trained, g)
+    expected_grads = torch.autograd.grad(expected, trained, g)
+    for a, b in zip(ours_grads, expected_grads):
+        torch.testing.assert_close(a, b)
+    assert all(p.grad is None for p in net.trunk[:3].parameters())
+
+
 # --- weights ---
 
 
