@@ -155,7 +155,8 @@ def vgg16_trunk() -> nn.Sequential:
 def conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
     """bn(conv(x)) as one convolution: the frozen BN's per-channel affine map is folded into the conv's weight and
     bias on every call. The activation is then written once instead of twice (measured on 2 CPU cores: blocks 0-6
-    on two 320x407 images 84 -> 48 ms), and the gradient still reaches the conv's own weight, so training is unchanged."""
+    on two 320x407 images 84 -> 48 ms), and the gradient still reaches the conv's own weight: training is unchanged.
+    """
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
