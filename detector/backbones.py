@@ -185,10 +185,11 @@ class InvertedResidual(nn.Module):
         self.use_residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
+        *expand_and_depthwise, project, project_bn = self.conv  # unpacked: slicing would build a Sequential
         y = x
-        for layer in self.conv[:-2]:
+        for layer in expand_and_depthwise:
             y = layer(y)
-        y = conv_frozen_bn(y, self.conv[-2], self.conv[-1])  # the linear projection and its BN
+        y = conv_frozen_bn(y, project, project_bn)  # the linear projection and its BN
         return x + y if self.use_residual else y
 
 
