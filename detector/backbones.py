@@ -1,10 +1,12 @@
-"""Conv trunks and fc6/fc7 of the paper's S / M / L nets and a CPU MobileNetV2 (weights.py loads weights).
+"""Conv trunks of the paper's S / M / L nets and a CPU MobileNetV2: the trunk, its input normalisation and the
+geometry of the RoI pooling that follows it (weights.py loads weights; model.py owns RoI pooling and the box head).
 
 Layer shapes follow FR's `models/{CaffeNet,VGG_CNN_M_1024,VGG16}/train.prototxt`: the last max pooling (pool5)
 is replaced by RoI pooling at stride 16, and Caffe pools round output sizes up (ceil_mode=True, e.g. VGG16 on
-600x1000 gives a 38x63 map). A Backbone holds no RoI pooling, dropout nor classifier: model.py owns those.
-Module names are Caffe's layer names for S/M and torchvision's indices for VGG16 and MobileNetV2, so
-torchvision's ImageNet files load by renaming alone (see weights.py for the key formats).
+600x1000 gives a 38x63 map). The fc6/fc7 widths of each net are recorded here (`head_widths`) because the
+pretrained files hold those layers; model.py builds them. Module names are Caffe's layer names for S/M and
+torchvision's indices for VGG16 and MobileNetV2, so torchvision's ImageNet files load by renaming alone (see
+weights.py for the key formats).
 """
 
 from collections import OrderedDict
@@ -37,27 +39,34 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         return super().train(False)  # model.train() must not switch BN to batch statistics
 
 
-class Backbone(nn.Module):
-    """A stride-16 conv trunk plus fc6/fc7; the attributes set the RoI pooling model.py puts between them."""
+PIXEL_FORMATS = ("torchvision", "caffe")
 
-    def __init__(self, name: str, trunk: nn.Sequential, out_channels: int, pool_size: int, fc6_out: int,
-                 fc7_out: int, frozen_layers: tuple[str, ...], pixel_format: str):
+
+class Backbone(nn.Module):
+    """A stride-16 conv trunk, the input normalisation its weights expect, and the RoI pooling geometry after it."""
+
+    def __init__(self, name: str, trunk: nn.Sequential, out_channels: int, pool_size: int,
+                 head_widths: tuple[int, int], frozen_layers: tuple[str, ...], pixel_format: str):
         super().__init__()
         self.name = name
         self.trunk = trunk
         self.out_channels = out_channels
         self.pool_size = pool_size
         self.spatial_scale = 1.0 / 16  # four stride-2 stages; FR roi_pooling_param spatial_scale 0.0625
-        # skip_init: _he_init below sets the weights; skip nn.Linear's own init (100M numbers in VGG16's fc6)
-        self.fc6 = nn.utils.skip_init(nn.Linear, out_channels * pool_size * pool_size, fc6_out)
-        self.fc7 = nn.utils.skip_init(nn.Linear, fc6_out, fc7_out)
-        self.fc_dim = fc7_out  # the width the heads (cls_score, bbox_pred) see
+        self.head_widths = head_widths  # (fc6, fc7) outputs of the net's box head (model.BoxHead)
         self.frozen_layers = frozen_layers  # trunk submodule names the paper does not train
-        self.pixel_format = pixel_format
-        _he_init(self)
+        self.pixel_format = pixel_format  # set by weights.load_weights; saved in checkpoints
+        he_init(self)
+
+    @property
+    def pooled_features(self) -> int:
+        """Inputs of fc6: one RoI pooled to pool_size x pool_size over out_channels."""
+        return self.out_channels * self.pool_size * self.pool_size
 
     def forward(self, images: Tensor) -> Tensor:
         """Feature map (N, out_channels, ~H/16, ~W/16) of normalize()d images (N, 3, H, W)."""
+        if images.device.type == "cpu":  # oneDNN's channels-last convolutions are ~30% faster on a CPU
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.trunk(images)
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -74,18 +83,18 @@ class Backbone(nn.Module):
             return (images / 255.0 - mean) / std
         if self.pixel_format == "caffe":  # Caffe models were trained on OpenCV's BGR, 0..255, mean-subtracted
             return images.flip(1) - images.new_tensor(PIXEL_MEANS_BGR).view(1, 3, 1, 1)
-        raise ValueError(f"pixel_format must be 'torchvision' or 'caffe', got {self.pixel_format!r}")
+        raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {self.pixel_format!r}")
 
     def freeze(self, layers: tuple[str, ...] | None = None) -> None:
         """Stop gradients into the layers the paper keeps fixed (conv1 for S/M, conv1_1..conv2_2 for L).
 
         Args:
-            layers: trunk submodule names to freeze instead of the paper's; the convs and fcs outside them train
-                again (frozen batch norm stays frozen).
+            layers: trunk submodule names to freeze instead of the paper's; the convs outside them train again
+                (frozen batch norm stays frozen).
         """
         if layers is not None:
             for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if isinstance(m, nn.Conv2d):
                     m.requires_grad_(True)
             self.frozen_layers = tuple(layers)
         for layer in self.frozen_layers:
@@ -93,9 +102,10 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
 
 
-def _he_init(module: nn.Module) -> None:
-    # He-normal (fan_in, ReLU gain) keeps activations at unit scale through ReLUs; this only matters without
-    # pretrained weights (tests, from-scratch runs) and for MobileNetV2's new fc6/fc7. Biases start at 0.
+def he_init(module: nn.Module) -> None:
+    """He-normal weights (fan_in, ReLU gain), zero biases, for every conv and linear layer inside `module`."""
+    # Keeps activations at unit scale through ReLUs; this only matters without pretrained weights (tests,
+    # from-scratch runs) and for MobileNetV2's new fc6/fc7.
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -154,8 +164,8 @@ def vgg16_trunk() -> nn.Sequential:
 
 def conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
     """bn(conv(x)) as one convolution: the frozen BN's per-channel affine map is folded into the conv's weight and
-    bias on every call. The activation is then written once instead of twice (measured on 2 CPU cores: blocks 0-6
-    on two 320x407 images 84 -> 48 ms), and the gradient still reaches the conv's own weight: training is unchanged.
+    bias on every call. The activation is then written once instead of twice (the frozen blocks run ~1.7x faster
+    on a CPU, bench/RESULTS.md), and the gradient still reaches the conv's own weight: training is unchanged.
     """
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
@@ -213,21 +223,22 @@ def build_backbone(name: str, fc_dim: int | None = None) -> Backbone:
 
     Args:
         name: "caffenet" (S), "vgg_cnn_m_1024" (M), "vgg16" (L) or "mobilenet_v2".
-        fc_dim: fc6/fc7 width for mobilenet_v2 (default 1024); None/0 for the paper nets (fixed sizes).
+        fc_dim: fc6/fc7 width of the box head for mobilenet_v2 (default 1024); None/0 for the paper nets (their
+            pretrained fc6/fc7 fix the sizes).
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if fc_dim and key != "mobilenet_v2":
         raise ValueError(f"fc_dim is only configurable for mobilenet_v2; {key} has the paper's fc sizes")
     # paper §2.2: RoI pooling sized to fc6's input (6x6 for S/M, 7x7 for L); §4.5: S/M train conv2 and up
     if key == "caffenet":
-        b = Backbone(key, caffenet_trunk(), 256, 6, 4096, 4096, ("conv1",), "caffe")
+        b = Backbone(key, caffenet_trunk(), 256, 6, (4096, 4096), ("conv1",), "caffe")
     elif key == "vgg_cnn_m_1024":
-        b = Backbone(key, vgg_cnn_m_1024_trunk(), 512, 6, 4096, 1024, ("conv1",), "caffe")
+        b = Backbone(key, vgg_cnn_m_1024_trunk(), 512, 6, (4096, 1024), ("conv1",), "caffe")
     elif key == "vgg16":  # §4.5 / FR prototxt: conv1_1..conv2_2 have lr_mult 0 (trunk indices 0, 2, 5, 7)
-        b = Backbone(key, vgg16_trunk(), 512, 7, 4096, 4096, ("0", "2", "5", "7"), "caffe")
+        b = Backbone(key, vgg16_trunk(), 512, 7, (4096, 4096), ("0", "2", "5", "7"), "caffe")
     elif key == "mobilenet_v2":  # not in the paper: freeze its stem (features.0-1) as the paper freezes conv1
         dim = fc_dim or 1024
-        b = Backbone(key, mobilenet_v2_trunk(), 96, 7, dim, dim, ("0", "1"), "torchvision")
+        b = Backbone(key, mobilenet_v2_trunk(), 96, 7, (dim, dim), ("0", "1"), "torchvision")
     else:
         raise ValueError(f"unknown backbone {name!r}: use caffenet (S), vgg_cnn_m_1024 (M), vgg16 (L) or "
                          "mobilenet_v2")

@@ -23,6 +23,15 @@ DELTA_CLIP = math.log(1000.0 / 16)
 _NMS_BLOCK = 128
 
 
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """Mirror (N, 4) boxes in an image `width` pixels wide: x1' = W - x2 - 1, x2' = W - x1 - 1 (FR imdb
+    append_flipped_images). Float64: FR's uint16 boxes underflowed here for boxes past the border (FR#45)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    flipped = boxes.copy()
+    flipped[:, 0], flipped[:, 2] = width - boxes[:, 2] - 1, width - boxes[:, 0] - 1
+    return flipped
+
+
 def _check_boxes(name: str, boxes: Tensor, cols: int = 4) -> None:
     if boxes.dim() != 2 or boxes.shape[1] % cols != 0 or boxes.shape[1] == 0:
         raise ValueError(f"{name} must be [N, {cols}k] boxes, got shape {tuple(boxes.shape)}")

@@ -90,7 +90,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(
         backbone="mobilenet_v2",
         # Fine-tune the stride-16 blocks only: backward through the high-resolution blocks costs ~2x per iteration
-        # on a CPU (measured: also training blocks 4-6 was 20% slower per iteration and no better in mAP).
+        # on a CPU and gave no better mAP (bench/RESULTS.md, "The demo recipe").
         freeze="0,1,2,3,4,5,6",
         scales=(320,),  # the images are 217-320 px: at most ~1.5x upsampling so small objects cover stride-16 cells
         max_size=533,
@@ -98,26 +98,27 @@ PRESETS: dict[str, dict] = {
         test_max_size=533,
         # The paper's background band [0.1, 0.5) never samples RoIs far from every object (§2.3: a heuristic for
         # hard example mining). Here the unlabelled distractors (letters, scratches) lie far from objects, so with
-        # 0.1 they are never seen as background and come back as false positives. Measured on the default run:
-        # 1200 iterations 0.847 -> 0.869 mAP with 0.0; with 0.0, 1000 iterations give 0.861.
+        # 0.1 they are never seen as background and come back as false positives (bench/RESULTS.md).
         bg_thresh_lo=0.0,
-        iters=1000,  # 5 epochs of the 400 training images; 290-430 ms/iteration on 2 CPU cores
-        lr=0.01,  # a short schedule on a small data set needs a larger step than 0.001 (0.02 measured worse)
+        iters=1000,  # 5 epochs of the 400 training images, sized to a 2-core CPU's budget
+        lr=0.01,  # a short schedule on a small data set needs a larger step than 0.001 (RESULTS.md: 0.02 is worse)
         lr_steps=(750,),
         warmup_iters=50,
         log_every=50,
         checkpoint_every=400,
-        # The paper's ranks (1024, 256) are for 4096-wide layers; this head is 1024 wide. Measured on the default
-        # run: 512/256 costs 1.5 mAP for 23% less test time, 256/128 costs 5.2 mAP for 29%.
+        # The paper's ranks (1024, 256) are for 4096-wide layers; this head is 1024 wide (RESULTS.md: the ranks
+        # measured on the default run).
         svd_fc6=512,
         svd_fc7=256,
     ),
 }
 
 
-def _parse_value(spec, text: str):
-    if spec.type is tuple:  # "480,600" -> (480, 600)
-        return tuple(spec.metadata["kind"](v) for v in text.split(",") if v.strip())
+def parse_value(spec: dataclasses.Field, text: str):
+    """A command-line string as the type of a dataclass field: bool (true/false, 1/0, yes/no, on/off), a tuple
+    ("480,600", element type from the field's metadata "kind", default str), int, float or str."""
+    if spec.type is tuple:
+        return tuple(spec.metadata.get("kind", str)(v) for v in text.split(",") if v.strip())
     if spec.type is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -125,6 +126,23 @@ def _parse_value(spec, text: str):
             return False
         raise ValueError("expected true or false")
     return spec.type(text)
+
+
+def parse_dataclass(cls, argv: list[str] | None = None, description: str = ""):
+    """An instance of dataclass `cls` with every field settable as --field-name VALUE (typed by parse_value)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for spec in fields(cls):
+        parser.add_argument("--" + spec.name.replace("_", "-"), dest=spec.name, default=None,
+                            metavar=spec.name.upper(), help=spec.metadata.get("help"))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    values = {}
+    for spec in fields(cls):
+        if spec.name in given:
+            try:
+                values[spec.name] = parse_value(spec, given[spec.name])
+            except ValueError as e:
+                parser.error(f"--{spec.name.replace('_', '-')} {given[spec.name]!r}: {e}")
+    return cls(**values)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -149,9 +167,23 @@ def resolve(args: argparse.Namespace, base: dict | None = None) -> Config:
     specs = {f.name: f for f in fields(Config)}
     for key, text in given.items():
         try:
-            setattr(cfg, key, _parse_value(specs[key], text))
+            setattr(cfg, key, parse_value(specs[key], text))
         except ValueError as e:
             raise SystemExit(f"bad value for --{key.replace('_', '-')}: {text!r} ({e})")
     if not cfg.out:
         cfg.out = f"runs/{cfg.preset}"
     return cfg
+
+
+def resolve_device(name: str):
+    """The torch.device a config's `device` names ("auto": CUDA when available, else the CPU)."""
+    import torch
+
+    # Denormal floats (tiny activations) run ~10x slower on x86 CPUs; flushing them to zero changes no result
+    # that matters and keeps CPU training fast.
+    torch.set_flush_denormal(True)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from detector.errors import InputError
+
 # The devkit's order (VOCcode/VOCinit.m); label k is VOC_CLASSES[k - 1], 0 is background.
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -38,7 +40,7 @@ class ImageRecord:
     difficult: np.ndarray  # (G,) bool; kept for training (as FR), ignored by evaluation
 
 
-class DatasetError(Exception):
+class DatasetError(InputError):
     """A fatal problem with the data; the message names the file and the problem."""
 
 
@@ -242,14 +244,6 @@ def resize_image(img: np.ndarray, im_scale: float) -> np.ndarray:
 
 def flip_image(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[:, ::-1])
-
-
-def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """Mirror (N, 4) 0-based boxes in an image `width` wide: x1' = W - x2 - 1, x2' = W - x1 - 1 (FR imdb)."""
-    out = np.array(boxes, copy=True)
-    out[:, 0] = width - boxes[:, 2] - 1
-    out[:, 2] = width - boxes[:, 0] - 1
-    return out
 
 
 def to_tensor(img: np.ndarray) -> Tensor:

@@ -6,23 +6,18 @@ is closest to 224^2 (FR _project_im_rois); RoIs identical after projection to th
 the top `max_per_class`, NMS at 0.3; optionally a cap on detections per image across classes.
 """
 
-import time
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from detector.boxes import clip_boxes, decode_boxes, nms
 from detector.data import image_scale, read_image, resize_image, to_tensor
+from detector.timing import StageTimer
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _levels(boxes: np.ndarray, scales: list[float]) -> np.ndarray:
-    """Pyramid level per RoI: the scale that brings its area closest to 224^2 (FR test.py _project_im_rois)."""
+def scale_levels(boxes: np.ndarray, scales: list[float]) -> np.ndarray:
+    """Pyramid level per box (K, 4): the image scale that brings its area closest to 224^2 pixels (FR test.py
+    _project_im_rois; SPPnet assigns windows to scales the same way)."""
     if len(scales) == 1:
         return np.zeros(len(boxes), dtype=np.int64)
     widths = boxes[:, 2] - boxes[:, 0] + 1
@@ -33,48 +28,37 @@ def _levels(boxes: np.ndarray, scales: list[float]) -> np.ndarray:
 
 @torch.no_grad()
 def im_detect(model, img: np.ndarray, boxes: np.ndarray, scales=(600,), max_size: int = 1000,
-              timer: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+              timer: StageTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """img HxWx3 uint8 RGB, boxes (P, 4) proposals -> scores (P, K+1) and boxes (P, 4(K+1)) in image pixels.
 
-    `timer`, when given, accumulates seconds per stage: conv, roi_pool, fc6, fc7, rest (the paper's Fig. 2 split).
+    `timer`, a StageTimer entered by the caller, receives the time outside the network as "rest".
     """
     device = next(model.parameters()).device
     num_outputs = model.num_classes + 1
     if len(boxes) == 0:
         return np.zeros((0, num_outputs), np.float32), np.zeros((0, 4 * num_outputs), np.float32)
-    tick = _Ticker(timer, device)
+    tick = timer.tick if timer is not None else (lambda stage: None)
     height, width = img.shape[:2]
     im_scales = [image_scale(height, width, s, max_size) for s in scales]
-    levels = _levels(boxes, im_scales)
+    levels = scale_levels(boxes, im_scales)
     rois = np.concatenate([levels[:, None].astype(np.float64),
                            boxes * np.asarray(im_scales)[levels][:, None]], axis=1)
     # Dedup (FR DEDUP_BOXES): RoIs that round to the same cells of the stride-16 map pool identical features.
     keys = np.round(rois * model.roi_pool.spatial_scale)
     _, index, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     rois_t = torch.from_numpy(rois[index]).float().to(device)
-    scores, deltas = [], []
-    tick("rest")
+    cls_prob = torch.zeros(len(rois_t), num_outputs, device=device)
+    box_deltas = torch.zeros(len(rois_t), 4 * num_outputs, device=device)
     for level, s in enumerate(im_scales):
         sel = rois_t[:, 0] == level
         if not bool(sel.any()):
             continue
         x = model.backbone.normalize(to_tensor(resize_image(img, s))[None].to(device))
-        feats = model.features(x)
-        tick("conv")
         level_rois = rois_t[sel].clone()
         level_rois[:, 0] = 0
-        pooled = model.roi_pool(feats, level_rois).flatten(1)
-        tick("roi_pool")
-        h = torch.relu(model.fc6(pooled))
-        tick("fc6")
-        h = torch.relu(model.fc7(h))
-        tick("fc7")
-        scores.append((sel, torch.softmax(model.cls_score(h), 1)))
-        deltas.append((sel, model.unnormalize(model.bbox_pred(h))))
-    cls_prob = torch.zeros(len(rois_t), num_outputs, device=device)
-    box_deltas = torch.zeros(len(rois_t), 4 * num_outputs, device=device)
-    for (sel, p), (_, d) in zip(scores, deltas):
-        cls_prob[sel], box_deltas[sel] = p, d
+        logits, deltas = model.predict(model.features(x), level_rois)
+        cls_prob[sel] = torch.softmax(logits, 1)
+        box_deltas[sel] = model.unnormalize(deltas)
     inv = torch.from_numpy(inverse.reshape(-1)).to(device)
     cls_prob, box_deltas = cls_prob[inv], box_deltas[inv]
     pred = decode_boxes(torch.from_numpy(boxes).float().to(device), box_deltas)
@@ -82,22 +66,6 @@ def im_detect(model, img: np.ndarray, boxes: np.ndarray, scales=(600,), max_size
     out = cls_prob.cpu().numpy(), pred.cpu().numpy()
     tick("rest")
     return out
-
-
-class _Ticker:
-    """Adds the seconds since the previous call to timer[stage], synchronising the device first."""
-
-    def __init__(self, timer: dict | None, device: torch.device):
-        self.timer, self.device = timer, device
-        self.last = time.perf_counter()
-
-    def __call__(self, stage: str) -> None:
-        if self.timer is None:
-            return
-        _sync(self.device)
-        now = time.perf_counter()
-        self.timer[stage] = self.timer.get(stage, 0.0) + now - self.last
-        self.last = now
 
 
 def postprocess(scores: np.ndarray, boxes: np.ndarray, num_classes: int, score_thresh: float = 0.0,
@@ -120,8 +88,11 @@ def postprocess(scores: np.ndarray, boxes: np.ndarray, num_classes: int, score_t
     return dets
 
 
-def detect_dataset(model, records, proposals, cfg, progress: bool = True, timer: dict | None = None):
-    """Detections for every image: all_dets[class][image] = (n, 5) array (x1, y1, x2, y2, score), 0-based pixels."""
+def detect_dataset(model, records, proposals, cfg, progress: bool = True, timer: StageTimer | None = None):
+    """Detections for every image: all_dets[class][image] = (n, 5) array (x1, y1, x2, y2, score), 0-based pixels.
+
+    `timer`: a StageTimer on `model`, entered by the caller; it accumulates the Fig. 2 split of every image.
+    """
     model.eval()
     all_dets = [[None] * len(records) for _ in range(model.num_classes + 1)]
     for i, rec in enumerate(tqdm(records, desc="detect", disable=not progress, leave=False)):

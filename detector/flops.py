@@ -30,7 +30,8 @@ def trunk_flops(backbone: Backbone, height: int, width: int) -> int:
     return total
 
 
-def fc_flops(model: nn.Module) -> int:
-    """FLOPs of fc6 + fc7 for one RoI; counts every Linear inside them, so SVD-compressed models work too."""
-    layers = [m for fc in (model.fc6, model.fc7) for m in fc.modules() if isinstance(m, nn.Linear)]
+def fc_flops(head: nn.Module) -> int:
+    """FLOPs of a box head (fc6 + fc7, model.BoxHead) for one RoI; counts every Linear inside it, so SVD-compressed
+    heads work too."""
+    layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return sum(2 * m.in_features * m.out_features for m in layers)

@@ -1,32 +1,65 @@
-"""FastRCNN: conv trunk -> RoI max pooling -> fc6 -> fc7 -> softmax classifier and class-specific box regressor.
+"""FastRCNN: conv trunk -> RoI max pooling -> box head (fc6 -> fc7) -> softmax classifier and box regressor.
 
 Paper §2 (Fig. 1): the whole image goes through the conv layers once; each RoI is max-pooled from the last conv map
 into a fixed grid (our Triton kernel), then two fc layers feed two sibling outputs. The multi-task loss (Eq. 1) is
 softmax log loss plus smooth-L1 on the true class's box deltas, both normalised by the number of RoIs (FR's Caffe
-layers divide by R, fast_rcnn.md §2).
+layers divide by R, fast_rcnn.md §2). `build_model` makes one from a backbone name and an ImageNet weights file.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detector.backbones import Backbone
+from detector.backbones import Backbone, build_backbone, he_init
+from detector.weights import load_weights
 from kernels import RoIPool, smooth_l1_loss
 
 
+class BoxHead(nn.Module):
+    """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout on pooled RoIs (torchvision's TwoMLPHead, with Caffe's
+    dropout). svd.py replaces fc6 / fc7 by their two-layer factorisations; the forward pass stays this one."""
+
+    def __init__(self, in_features: int, fc6_out: int, fc7_out: int):
+        super().__init__()
+        # skip_init: he_init below sets the weights; skip nn.Linear's own init (100M numbers in VGG16's fc6)
+        self.fc6 = nn.utils.skip_init(nn.Linear, in_features, fc6_out)
+        self.fc7 = nn.utils.skip_init(nn.Linear, fc6_out, fc7_out)
+        self.dropout = nn.Dropout(0.5)  # Caffe's dropout is inverted too: scaled at train time, identity at test
+        he_init(self)
+
+    @property
+    def out_features(self) -> int:
+        return self.widths[1]
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(fc6, fc7) output widths, whether or not the layers are SVD-factored."""
+        return _out_features(self.fc6), _out_features(self.fc7)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """(R, C, P, P) pooled RoIs -> (R, fc7 width)."""
+        x = self.dropout(F.relu(self.fc6(pooled.flatten(1))))
+        return self.dropout(F.relu(self.fc7(x)))
+
+
+def _out_features(layer: nn.Module) -> int:
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]  # a Linear, or its SVD factors
+    return linears[-1].out_features
+
+
 class FastRCNN(nn.Module):
-    def __init__(self, backbone: Backbone, num_classes: int):
-        """num_classes: object classes K, without background; the outputs have K + 1 columns (0 = background)."""
+    def __init__(self, backbone: Backbone, num_classes: int, head_widths: tuple[int, int] | None = None):
+        """num_classes: object classes K, without background; the outputs have K + 1 columns (0 = background).
+
+        head_widths: (fc6, fc7) outputs; default the backbone's (the paper's nets: what their weights hold).
+        """
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.roi_pool = RoIPool(backbone.pool_size, backbone.spatial_scale)
-        # fc6/fc7 live on the model (not only the backbone) so svd.svd_compress can swap them.
-        self.fc6 = backbone.fc6
-        self.fc7 = backbone.fc7
-        self.dropout = nn.Dropout(0.5)  # Caffe's dropout is inverted too: scaled at train time, identity at test
-        self.cls_score = nn.Linear(backbone.fc_dim, num_classes + 1)
-        self.bbox_pred = nn.Linear(backbone.fc_dim, 4 * (num_classes + 1))
+        self.head = BoxHead(backbone.pooled_features, *(head_widths or backbone.head_widths))
+        self.cls_score = nn.Linear(self.head.out_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(self.head.out_features, 4 * (num_classes + 1))
         # FR train.prototxt: new layers are Gaussian with std 0.01 (cls_score) and 0.001 (bbox_pred), biases 0.
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
@@ -38,15 +71,12 @@ class FastRCNN(nn.Module):
         self.register_buffer("bbox_stds", torch.ones(num_classes + 1, 4))
 
     def features(self, images: Tensor) -> Tensor:
-        if images.device.type == "cpu":  # oneDNN's channels-last convolutions are ~30% faster on a CPU
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone.trunk(images)
+        """Conv feature map of normalised images (N, 3, H, W)."""
+        return self.backbone(images)
 
-    def head(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, 5) rois in input-image pixels -> class scores (R, K+1) and box deltas (R, 4(K+1))."""
-        x = self.roi_pool(features, rois).flatten(1)  # (R, C*P*P)
-        x = self.dropout(F.relu(self.fc6(x)))
-        x = self.dropout(F.relu(self.fc7(x)))
+    def predict(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, 5) rois in input-image pixels -> class logits (R, K+1) and normalised box deltas (R, 4(K+1))."""
+        x = self.head(self.roi_pool(features, rois))
         return self.cls_score(x), self.bbox_pred(x)
 
     def forward(self, images: Tensor, rois: Tensor, targets: dict | None = None):
@@ -55,7 +85,7 @@ class FastRCNN(nn.Module):
         With targets ({"labels" (R,), "bbox_targets" (R, 4(K+1)), "bbox_weights" (R, 4(K+1))}) returns the loss
         dict; without, the softmax probabilities (R, K+1) and raw box deltas (R, 4(K+1)).
         """
-        scores, deltas = self.head(self.features(images), rois)
+        scores, deltas = self.predict(self.features(images), rois)
         if targets is None:
             return F.softmax(scores, dim=1), self.unnormalize(deltas)
         return self.loss(scores, deltas, targets)
@@ -89,6 +119,26 @@ class FastRCNN(nn.Module):
         state["bbox_means"] = torch.zeros_like(self.bbox_means)
         state["bbox_stds"] = torch.ones_like(self.bbox_stds)
         return state
+
+
+def build_model(backbone: str, num_classes: int, weights: str = "", fc_dim: int = 0, freeze: str = "",
+                log=print) -> FastRCNN:
+    """A FastRCNN on the named backbone, with an ImageNet weights file loaded into its trunk (and fc6/fc7 where
+    the file has them), and the paper's frozen layers (or `freeze`, comma-separated trunk layers, instead).
+
+    Args:
+        backbone: caffenet, vgg_cnn_m_1024, vgg16 or mobilenet_v2 (build_backbone).
+        num_classes: object classes, without background.
+        weights: a weights file (weights.py formats); empty: random initialisation.
+        fc_dim: box-head width for mobilenet_v2 (0: its default).
+    """
+    net = build_backbone(backbone, fc_dim=fc_dim or None)
+    model = FastRCNN(net, num_classes)
+    if weights:
+        load_weights(model, weights)
+        log(f"weights: {weights} (input normalisation: {net.pixel_format})")
+    net.freeze(tuple(name.strip() for name in freeze.split(",")) if freeze else None)
+    return model
 
 
 def param_groups(model: nn.Module, weight_decay: float, bias_lr_mult: float) -> list[dict]:

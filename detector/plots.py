@@ -1,11 +1,16 @@
-"""Pictures people would rather look at than read: loss curves and images with their boxes (matplotlib, PNG)."""
+"""Pictures people would rather look at than read: loss curves, PR curves and images with their boxes (PNG).
+
+The one place that sets matplotlib up: file output only (the Agg backend; the machines have no display).
+Everything that draws imports `plt` from here.
+"""
 
 import csv
+import math
 import zlib
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only: the machines have no display
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -63,4 +68,25 @@ def draw_boxes_sheet(
                     bbox=dict(facecolor=colour, alpha=0.8, pad=1, lw=0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pr_curves(pr: dict, path: str) -> None:
+    """Save a grid of per-class precision-recall curves as a PNG.
+
+    Args:
+        pr: {name: (rec [D], prec [D])} as returned by voc_eval.evaluate.
+        path: output .png path.
+    """
+    cols = max(1, math.ceil(math.sqrt(len(pr))))
+    rows = max(1, math.ceil(len(pr) / cols))
+    fig = plt.figure(figsize=(2.6 * cols, 2.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, (rec, prec)) in zip(axes, pr.items()):
+        ax.plot(rec, prec, lw=1.2)
+        ax.set(title=name, xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(pr) :]:
+        ax.set_axis_off()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

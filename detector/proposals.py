@@ -13,6 +13,7 @@ import hashlib
 import multiprocessing
 import os
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -212,6 +213,23 @@ def load_mat_proposals(path: str, records) -> list[np.ndarray]:
             raise DatasetError(f"{path}: entry {k} ({records[k].image_id}) has shape {m.shape}, not (P, 4)")
         out.append(m[:, (1, 0, 3, 2)] - 1)
     return out
+
+
+def proposals_for_split(records, source: str, max_boxes: int, workers: int = 0, split: str = "",
+                        log=print) -> list[np.ndarray]:
+    """The proposals of one split, aligned with records: selective search ("fast" / "quality", cached) or the
+    boxes of a .mat file; logs the time and the recall of the ground truth (proposal_recall)."""
+    t0 = time.time()
+    if source.endswith(".mat"):
+        boxes = load_mat_proposals(source, records)
+    elif source in ("fast", "quality"):
+        boxes = compute_proposals(records, mode=source, max_boxes=max_boxes, workers=workers or None)
+    else:
+        raise DatasetError(f"proposals must be 'fast', 'quality' or a .mat file, got {source!r}")
+    recall = proposal_recall(boxes, records)
+    log(f"{split}: {len(records)} images, {sum(len(r.boxes) for r in records)} objects, proposals ({source}) "
+        f"{time.time() - t0:.1f}s, " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if isinstance(v, float)))
+    return boxes
 
 
 def proposal_recall(proposals: list[np.ndarray], records, thresholds=(0.5, 0.7)) -> dict:

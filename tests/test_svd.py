@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.svd import compress_linear, param_count, svd_compress
+from detector.svd import compress_linear, head_ranks, param_count, svd_compress
 
 
 def low_rank_linear(in_features: int, out_features: int, rank: int) -> nn.Linear:
@@ -15,19 +15,19 @@ def low_rank_linear(in_features: int, out_features: int, rank: int) -> nn.Linear
     return layer
 
 
-class Head(nn.Module):
-    """A stand-in for FastRCNN: a conv, fc6/fc7 as attributes shared with .backbone, and a classifier."""
+class Model(nn.Module):
+    """A stand-in for FastRCNN: a conv backbone, a box head with fc6/fc7, and a classifier."""
 
     def __init__(self):
         super().__init__()
-        self.backbone = nn.Module()
-        self.backbone.conv = nn.Conv2d(3, 3, 1)
-        self.backbone.fc6 = self.fc6 = low_rank_linear(12, 10, rank=4)
-        self.backbone.fc7 = self.fc7 = low_rank_linear(10, 8, rank=3)
+        self.backbone = nn.Conv2d(3, 3, 1)
+        self.head = nn.Module()
+        self.head.fc6 = low_rank_linear(12, 10, rank=4)
+        self.head.fc7 = low_rank_linear(10, 8, rank=3)
         self.cls_score = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.cls_score(torch.relu(self.fc7(torch.relu(self.fc6(x)))))
+        return self.cls_score(torch.relu(self.head.fc7(torch.relu(self.head.fc6(x)))))
 
 
 def test_full_rank_is_exact():
@@ -66,15 +66,15 @@ def test_dtype_kept_and_bad_rank_rejected():
 
 
 def test_svd_compress_swaps_only_fc6_fc7():
-    model = Head()
+    model = Model()
     x = torch.randn(5, 12)
     compressed = svd_compress(model, fc6_rank=4, fc7_rank=3)  # the weights' exact ranks: no truncation error
-    assert isinstance(model.fc6, nn.Linear) and isinstance(model.fc7, nn.Linear)  # the original is untouched
-    assert isinstance(compressed.fc6, nn.Sequential) and compressed.fc6[0].out_features == 4
-    assert isinstance(compressed.fc7, nn.Sequential) and compressed.fc7[0].out_features == 3
-    # the backbone's references are swapped too: no stale full-rank copy stays in the model
-    assert compressed.backbone.fc6 is compressed.fc6 and compressed.backbone.fc7 is compressed.fc7
-    for name in ("cls_score.weight", "cls_score.bias", "backbone.conv.weight", "backbone.conv.bias"):
+    head = compressed.head
+    assert isinstance(model.head.fc6, nn.Linear) and isinstance(model.head.fc7, nn.Linear)  # original untouched
+    assert isinstance(head.fc6, nn.Sequential) and head.fc6[0].out_features == 4
+    assert isinstance(head.fc7, nn.Sequential) and head.fc7[0].out_features == 3
+    assert head_ranks(compressed) == (4, 3) and head_ranks(model) is None
+    for name in ("cls_score.weight", "cls_score.bias", "backbone.weight", "backbone.bias"):
         assert torch.equal(compressed.state_dict()[name], model.state_dict()[name])
         assert compressed.get_parameter(name) is not model.get_parameter(name)  # a copy, not shared
     torch.testing.assert_close(compressed(x), model(x), atol=1e-5, rtol=1e-5)
@@ -82,16 +82,17 @@ def test_svd_compress_swaps_only_fc6_fc7():
     assert param_count(model) - param_count(compressed) == (12 * 10 - 4 * 22) + (10 * 8 - 3 * 18)
 
 
-def test_svd_compress_finds_layers_on_backbone_and_skips_useless_ranks():
-    model = nn.Module()
-    model.backbone = nn.Module()
-    model.backbone.fc6, model.backbone.fc7 = nn.Linear(12, 10), nn.Linear(10, 8)
+def test_svd_compress_skips_useless_ranks_and_shapes_only():
+    model = Model()
     with pytest.warns(UserWarning, match=r"fc7 rank 8 >= min\(8, 10\): left uncompressed"):
         compressed = svd_compress(model, fc6_rank=5, fc7_rank=8)
-    assert isinstance(compressed.backbone.fc6, nn.Sequential)
-    assert isinstance(compressed.backbone.fc7, nn.Linear)
-    assert torch.equal(compressed.backbone.fc7.weight, model.backbone.fc7.weight)
+    assert isinstance(compressed.head.fc6, nn.Sequential)
+    assert isinstance(compressed.head.fc7, nn.Linear)
+    assert torch.equal(compressed.head.fc7.weight, model.head.fc7.weight)
+    assert head_ranks(compressed) == (5, 0)
     with pytest.raises(ValueError, match="not a Linear"):
         svd_compress(compressed, fc6_rank=2, fc7_rank=2)
-    with pytest.raises(ValueError, match="has no fc6/fc7"):
-        svd_compress(nn.Linear(3, 3))
+    # exact=False: the factor layers' shapes (for loading a compressed checkpoint), the same state-dict keys
+    shaped = svd_compress(model, fc6_rank=4, fc7_rank=0, exact=False)
+    exact = svd_compress(model, fc6_rank=4, fc7_rank=0)
+    assert {k: v.shape for k, v in shaped.state_dict().items()} == {k: v.shape for k, v in exact.state_dict().items()}

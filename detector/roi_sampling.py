@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detector.boxes import EPS, box_iou, encode_boxes
+from detector.boxes import EPS, box_iou, encode_boxes, flip_boxes
 
 
 @dataclass
@@ -22,13 +22,11 @@ class Sample:
         rois: [R, 4] float boxes in image coordinates before scaling; foreground rows first.
         labels: [R] long class per RoI, 0 = background.
         targets: [R, 4] raw (un-normalised) deltas to the assigned ground truth; zero rows for background.
-        max_overlaps: [R] IoU with the best-matching ground-truth box.
     """
 
     rois: Tensor
     labels: Tensor
     targets: Tensor
-    max_overlaps: Tensor
 
 
 def _check_image(gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray, where: str) -> None:
@@ -116,17 +114,7 @@ def sample_rois(
         rois=torch.from_numpy(boxes[keep]).float(),
         labels=torch.from_numpy(labels),
         targets=torch.from_numpy(targets).float(),
-        max_overlaps=torch.from_numpy(max_overlaps[keep]).float(),
     )
-
-
-def _flip(boxes: np.ndarray, width: float) -> np.ndarray:
-    # FR imdb.append_flipped_images: x1' = W - x2 - 1, x2' = W - x1 - 1.
-    # Work in float64: FR's uint16 boxes underflowed here for boxes past the border (FR#45).
-    boxes = np.asarray(boxes, dtype=np.float64)
-    flipped = boxes.copy()
-    flipped[:, 0], flipped[:, 2] = width - boxes[:, 2] - 1, width - boxes[:, 0] - 1
-    return flipped
 
 
 def regression_stats(
@@ -171,7 +159,7 @@ def regression_stats(
             raise ValueError(f"regression_stats: image {i} has label {labels.max()} > {num_classes} classes")
         copies = [(gt, props)]
         if include_flipped:
-            copies.append((_flip(gt, widths[i]), _flip(props, widths[i])))
+            copies.append((flip_boxes(gt, widths[i]), flip_boxes(props, widths[i])))
         for gt_c, props_c in copies:
             boxes, max_overlaps, assignment = _match(gt_c, props_c)
             ex = np.flatnonzero(max_overlaps >= bbox_thresh)

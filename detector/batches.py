@@ -1,4 +1,5 @@
-"""Training minibatches: N images per SGD step, R/N RoIs from each (paper §2.3 hierarchical sampling).
+"""Training minibatches: N images per SGD step, R/N RoIs from each (paper §2.3 hierarchical sampling), loaded,
+flipped, scaled and normalised; roi_sampling.py picks the RoIs (FR's minibatch.py does both).
 
 Owns the order in which images are visited and every random choice (scale, flip, RoI sample), all drawn from one
 numpy Generator whose state is checkpointed, so a resumed run sees exactly the minibatches an uninterrupted one would.
@@ -11,8 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detector.data import flip_boxes, flip_image, image_scale, pad_batch, read_image, resize_image, to_tensor
-from detector.sampler import expand_targets, sample_rois
+from detector.boxes import flip_boxes
+from detector.data import flip_image, image_scale, pad_batch, read_image, resize_image, to_tensor
+from detector.roi_sampling import expand_targets, sample_rois
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Minibatch:
     bbox_weights: Tensor  # (R, 4(K+1)) 1 where a target is set
 
 
-class MinibatchSampler:
+class BatchLoader:
     def __init__(self, records, proposals, cfg, num_classes: int, means: np.ndarray, stds: np.ndarray,
                  normalize, seed: int):
         self.records, self.proposals, self.cfg = records, proposals, cfg
