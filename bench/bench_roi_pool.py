@@ -88,9 +88,26 @@ def copy_bandwidth(device):
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def deterministic_roi_pool(x, rois, output_size, spatial_scale):
+    """Ours under torch.use_deterministic_algorithms(True): the plane-owner backward on CUDA (the CPU path is
+    deterministic anyway). The flag is read when the backward runs: the step sets it around fwd + bwd."""
+    return roi_pool(x, rois, output_size, spatial_scale)
+
+
+def deterministic(step):
+    def run():
+        torch.use_deterministic_algorithms(True)
+        try:
+            return step()
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+    return run
+
+
 def providers(device):
     ours = "triton" if device == "cuda" else "ours-cpu"
-    found = {ours: roi_pool, "torch-baseline": baseline_roi_pool}
+    found = {ours: roi_pool, f"{ours}-determ": deterministic_roi_pool, "torch-baseline": baseline_roi_pool}
     if torchvision is not None:
         found["torchvision"] = torchvision.ops.roi_pool
     return found
@@ -113,7 +130,7 @@ def main() -> None:
              f"triton {triton.__version__} | torchvision {tv}")  # fmt: skip
     print(title)
     header = ["shape", "device", "provider", "ms", "20%", "80%", "GB/s", "x floor", "vs ours", "same"]
-    widths = [6, 6, 15, 10, 10, 10, 8, 8, 8, 9]
+    widths = [6, 6, 17, 10, 10, 10, 8, 8, 8, 9]
     print_header(header, widths)
 
     rows = []
@@ -141,6 +158,8 @@ def main() -> None:
                     out.backward(grad)
                     return out
 
+                if fn is deterministic_roi_pool:
+                    step = deterministic(step)
                 result = step().detach()
                 reference = result if reference is None else reference
                 same = (result == reference).double().mean().item()  # fraction of outputs equal to ours
@@ -152,7 +171,7 @@ def main() -> None:
                 rows.append(
                     dict(title=title, **row, gbps=gbps, x_floor=floor, vs_ours=ms / ours_ms, same=same)
                 )
-                print(f"{shape_name:>6} {device:>6} {provider:>15} {ms:10.3f} {lo:10.3f} {hi:10.3f} "
+                print(f"{shape_name:>6} {device:>6} {provider:>17} {ms:10.3f} {lo:10.3f} {hi:10.3f} "
                       f"{gbps:8.2f} {floor:>8} {ms / ours_ms:8.2f} {same:9.6f}")  # fmt: skip
 
     save_results(rows, "roi_pool", lambda rows: plot(rows, title))

@@ -11,8 +11,14 @@ starts at -FLT_MAX with a strict >, so NaN and values <= -FLT_MAX never win: a n
 those gives -FLT_MAX and argmax -1, exactly as the reference does.
 
 Backward routes each output gradient to its argmax with an fp32 atomic add, like torchvision's CUDA kernel,
-so the summation order (and the last bits of the gradient) can vary from run to run. The original Caffe
-backward was a deterministic gather, at O(R) cost per input pixel.
+so the summation order (and the last bits of the gradient) can vary from run to run. Under
+torch.use_deterministic_algorithms(True) the Triton path instead runs `_roi_pool_bwd_deterministic_kernel`:
+one program owns each (image, channel) plane of the gradient and walks that image's RoIs in index order, so
+every pixel's sum is taken in the same order on every run, without float atomics. Why this design: the
+original Caffe backward (a gather, one thread per input pixel looping over all R RoIs) costs O(R) per pixel,
+and a sort by destination followed by a segmented sum costs a sort of all K*C*PH*PW outputs; the plane
+owner reads each output gradient once, like the atomic kernel, and its serial part is the image's RoI count
+(64 per image in training). The CPU path is deterministic by construction (a serial scatter-add).
 
 Devices: CUDA tensors run the Triton kernels; CPU tensors run kernels/roi_pool_cpu.py (torch ops over all
 RoIs at once: a range-max table or grouped bin windows), or the Triton kernels through the interpreter when
@@ -33,7 +39,6 @@ from kernels.roi_pool_cpu import FLT_MAX, roi_pool_bwd_cpu, roi_pool_fwd_cpu
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _NEG_FLT_MAX = tl.constexpr(-FLT_MAX)  # the reference's scan start, visible inside @triton.jit
 _MAX_COORD = 2.0**24  # |coordinate * scale| beyond this is not an integer-exact fp32 pixel
-backend_calls = {"triton": 0, "cpu": 0}  # which path ran; the interpreter tests check it really was Triton
 
 
 @triton.jit
@@ -56,6 +61,7 @@ def _roi_pool_fwd_kernel(
     c,  # channels
     h,  # feature map height
     w,  # feature map width
+    blocks_per_roi,  # programs per RoI: cdiv(C*PH*PW, BLOCK)
     spatial_scale,  # image pixels -> feature map cells (1/16 for VGG16 conv5)
     # meta
     PH: tl.constexpr,  # pooled height
@@ -65,10 +71,12 @@ def _roi_pool_fwd_kernel(
 ):
     # One program = one RoI x BLOCK consecutive outputs (channel-major, then ph, pw), so the stores are
     # contiguous; each lane scans its own bin like the reference's thread, with a loop bound shared by
-    # the program (all lanes see the same box, so bin sizes differ by at most one).
-    roi = tl.program_id(0).to(tl.int64)  # int64: K*C*PH*PW can pass 2^31
+    # the program (all lanes see the same box, so bin sizes differ by at most one). RoIs and their chunks
+    # share grid axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65535).
+    pid = tl.program_id(0).to(tl.int64)  # int64: K*C*PH*PW can pass 2^31
+    roi = pid // blocks_per_roi
     # --- the box, rounded the C way, in fp32 ---
-    batch = tl.load(rois_ptr + roi * 5).to(tl.int32)  # (int) cast truncates, like the reference
+    batch = tl.load(rois_ptr + roi * 5).to(tl.int64)  # (int) cast truncates, like the reference
     sw = _round_half_away(tl.load(rois_ptr + roi * 5 + 1).to(tl.float32) * spatial_scale)
     sh = _round_half_away(tl.load(rois_ptr + roi * 5 + 2).to(tl.float32) * spatial_scale)
     ew = _round_half_away(tl.load(rois_ptr + roi * 5 + 3).to(tl.float32) * spatial_scale)
@@ -77,7 +85,7 @@ def _roi_pool_fwd_kernel(
     bin_w = tl.math.div_rn(tl.maximum(ew - sw + 1, 1).to(tl.float32), PW * 1.0)
     bin_h = tl.math.div_rn(tl.maximum(eh - sh + 1, 1).to(tl.float32), PH * 1.0)
     # --- each lane's bin, offset by the box corner and clipped to the map ---
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = (pid % blocks_per_roi).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < c * PH * PW
     ch = offs // (PH * PW)
     ph = (offs // PW) % PH
@@ -88,21 +96,28 @@ def _roi_pool_fwd_kernel(
     we = tl.minimum(tl.maximum(tl.ceil((pw + 1).to(tl.float32) * bin_w).to(tl.int32) + sw, 0), w)
     bh = tl.where(valid, he - hs, 0)  # <= 0: empty bin
     bw = tl.where(valid, we - ws, 0)
-    first = hs * w + ws  # flat index of the bin's top-left pixel
-    x_img = x_ptr + batch.to(tl.int64) * c * h * w  # int64: N*C*H*W can pass 2^31
-    lane_ptr = x_img + ch * (h * w) + first  # int32 offset inside one image (checked in the launcher)
+    first = hs * w + ws  # flat index of the bin's top-left pixel (H*W < 2^31: checked in the launcher)
+    # int64 plane offsets: N*C*H*W (and one image's C*H*W) can pass 2^31
+    lane_ptr = x_ptr + (batch * c + ch) * h * w + first
     # --- row-major scan with strict >, as in the reference: ties keep the first pixel, NaN never wins ---
     acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32  # fp16/bf16 compare in fp32
     best = tl.full([BLOCK], _NEG_FLT_MAX, acc_ty)
     best_idx = tl.full([BLOCK], -1, tl.int32)
-    for dh in range(0, tl.max(bh)):
-        for dw in range(0, tl.max(bw)):
+    # while, not range(): triton 3.6's interpreter cannot take a tensor as a range() bound (it calls int()
+    # on a 1-element array, an error under numpy 2.4); the compiled loop is the same scf loop either way
+    max_bh, max_bw = tl.max(bh), tl.max(bw)
+    dh = 0
+    while dh < max_bh:
+        dw = 0
+        while dw < max_bw:
             inside = (dh < bh) & (dw < bw)
             v = tl.load(lane_ptr + dh * w + dw, mask=inside, other=float("-inf")).to(acc_ty)
             take = v > best
             best = tl.where(take, v, best)
             if WRITE_ARGMAX:
                 best_idx = tl.where(take, first + dh * w + dw, best_idx)
+            dw += 1
+        dh += 1
     best = tl.where((bh <= 0) | (bw <= 0), 0.0, best)
     out_offs = roi * c * PH * PW + offs
     tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=valid)
@@ -121,19 +136,70 @@ def _roi_pool_bwd_kernel(
     c,  # channels
     h,  # feature map height
     w,  # feature map width
+    blocks_per_roi,  # programs per RoI: cdiv(C*PH*PW, BLOCK)
     # meta
     PHPW: tl.constexpr,  # bins per (RoI, channel)
     BLOCK: tl.constexpr,  # outputs per program, same layout as the forward
 ):
-    roi = tl.program_id(0).to(tl.int64)
-    batch = tl.load(rois_ptr + roi * 5).to(tl.int32)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    roi = pid // blocks_per_roi
+    batch = tl.load(rois_ptr + roi * 5).to(tl.int64)
+    offs = (pid % blocks_per_roi).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < c * PHPW
     idx = tl.load(argmax_ptr + roi * c * PHPW + offs, mask=valid, other=-1)
     g = tl.load(grad_ptr + roi * c * PHPW + offs, mask=valid, other=0.0)
-    dst = grad_in_ptr + batch.to(tl.int64) * c * h * w + (offs // PHPW) * (h * w) + idx
+    dst = grad_in_ptr + (batch * c + offs // PHPW) * h * w + idx
     # argmax -1 (empty bin) routes nothing; overlapping bins and RoIs add into the same pixel
     tl.atomic_add(dst, g.to(grad_in_ptr.dtype.element_ty), mask=idx >= 0, sem="relaxed")
+
+
+@triton.jit
+def _roi_pool_bwd_deterministic_kernel(
+    # pointers
+    grad_ptr,  # (K, C, PH, PW) gradient of the output, contiguous
+    argmax_ptr,  # (K, C, PH, PW) int32 from the forward
+    order_ptr,  # (K,) RoI ids sorted by image, stable: each image's RoIs in index order
+    bounds_ptr,  # (N + 1,) image n owns order[bounds[n]:bounds[n + 1]]
+    grad_in_ptr,  # (N, C, H, W) zero-filled fp32 (fp64 for fp64 input), owned plane by plane
+    # sizes
+    c,  # channels
+    h,  # feature map height
+    w,  # feature map width
+    # meta
+    PHPW: tl.constexpr,  # bins per (RoI, channel)
+    BLOCK: tl.constexpr,  # bins per step: a power of two, at most 64 (a BLOCK x BLOCK match table)
+):
+    # One program owns one (image, channel) plane of grad_in, so no other program writes it and no atomics
+    # are needed. It walks the image's RoIs in index order and, per step, up to BLOCK bins of one RoI:
+    # bins that share an argmax (overlapping bins, or a box narrower than the grid) are summed in-register
+    # by the first of them in a fixed-shape reduction, then each distinct pixel gets one load-add-store.
+    # The same steps in the same order on every run: bit-identical gradients.
+    plane = tl.program_id(0).to(tl.int64)  # = n * C + channel; int64: N*C*H*W can pass 2^31
+    n = plane // c
+    ch = plane % c
+    plane_ptr = grad_in_ptr + plane * h * w
+    lanes = tl.arange(0, BLOCK)
+    earlier = lanes[None, :] < lanes[:, None]  # (i, j): bin j comes before bin i in this step
+    i = tl.load(bounds_ptr + n)
+    end = tl.load(bounds_ptr + n + 1)
+    # while, not range(): see _roi_pool_fwd_kernel (triton 3.6's interpreter)
+    while i < end:
+        roi = tl.load(order_ptr + i).to(tl.int64)
+        base = (roi * c + ch) * PHPW
+        p0 = 0
+        while p0 < PHPW:
+            valid = p0 + lanes < PHPW
+            idx = tl.load(argmax_ptr + base + p0 + lanes, mask=valid, other=-1)
+            g = tl.load(grad_ptr + base + p0 + lanes, mask=valid, other=0.0).to(grad_in_ptr.dtype.element_ty)
+            same = (idx[:, None] == idx[None, :]) & (idx[None, :] >= 0)  # (BLOCK, BLOCK) shared argmax
+            total = tl.sum(tl.where(same, g[None, :], 0.0), axis=1)  # every bin's pixel total, fixed order
+            owner = (idx >= 0) & (tl.sum((same & earlier).to(tl.int32), axis=1) == 0)  # first bin per pixel
+            old = tl.load(plane_ptr + idx, mask=owner, other=0.0)
+            tl.store(plane_ptr + idx, old + total, mask=owner)
+            # the next step may read a pixel another thread of this program just wrote
+            tl.debug_barrier()
+            p0 += BLOCK
+        i += 1
 
 
 def _settings(n: int) -> tuple[int, int]:
@@ -141,18 +207,27 @@ def _settings(n: int) -> tuple[int, int]:
     return min(512, triton.next_power_of_2(n)), 4
 
 
+_DETERMINISTIC_BLOCK, _DETERMINISTIC_WARPS = 64, 2  # 7x7 = 49 bins in one step; a 64 x 64 match table
+
+
+def _grid_1d(k: int, per_roi: int) -> tuple[int]:
+    # every program on axis 0, whose limit is 2^31 - 1 (axes 1 and 2 allow only 65535)
+    assert k * per_roi < 2**31, f"roi_pool: {k} RoIs x {per_roi} programs each pass CUDA's grid limit"
+    return (k * per_roi,)
+
+
 def _roi_pool_fwd_triton(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, need_argmax: bool):
     k, (_, c, h, w) = rois.shape[0], x.shape
-    assert c * h * w < 2**31, "roi_pool: one image's C*H*W must fit in int32"
+    assert h * w < 2**31, "roi_pool: the argmax h*W+w is int32, so H*W must be below 2^31"
     x, rois = x.contiguous(), rois.contiguous()
     out = torch.empty((k, c, ph, pw), dtype=x.dtype, device=x.device)
     argmax = torch.empty((k, c, ph, pw) if need_argmax else (0,), dtype=torch.int32, device=x.device)
     if k == 0 or c == 0:
         return out, argmax
     block, warps = _settings(c * ph * pw)
-    grid = (k, triton.cdiv(c * ph * pw, block))  # RoIs on axis 0: it allows 2^31 programs, axis 1 only 65535
-    _roi_pool_fwd_kernel[grid](
-        x, rois, out, argmax, c, h, w, scale, PH=ph, PW=pw, WRITE_ARGMAX=need_argmax, BLOCK=block,
+    per_roi = triton.cdiv(c * ph * pw, block)
+    _roi_pool_fwd_kernel[_grid_1d(k, per_roi)](
+        x, rois, out, argmax, c, h, w, per_roi, scale, PH=ph, PW=pw, WRITE_ARGMAX=need_argmax, BLOCK=block,
         num_warps=warps,
     )  # fmt: skip
     return out, argmax
@@ -161,15 +236,31 @@ def _roi_pool_fwd_triton(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int
 def _roi_pool_bwd_triton(
     grad: Tensor, rois: Tensor, argmax: Tensor, n: int, c: int, h: int, w: int
 ) -> Tensor:
+    """Input gradient on the Triton path: fp32 atomics (fastest), or, when
+    torch.are_deterministic_algorithms_enabled(), the plane-owner kernel (bit-identical run to run)."""
     # fp32 accumulator: fp16/bf16 atomics are slow (and fail under the interpreter); cast at the end
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     grad_in = torch.zeros((n, c, h, w), dtype=acc, device=grad.device)
     k, phpw = argmax.shape[0], argmax.shape[2] * argmax.shape[3] if argmax.dim() == 4 else 0
-    if k > 0 and c > 0:
+    if k == 0 or c == 0 or phpw == 0:
+        return grad_in.to(grad.dtype)
+    grad = grad.contiguous()
+    if torch.are_deterministic_algorithms_enabled():
+        batch = rois[:, 0].long()  # the forward checked 0 <= batch < N
+        order = torch.sort(batch, stable=True).indices  # each image's RoIs, in index order
+        bounds = torch.zeros(n + 1, dtype=torch.int64, device=grad.device)
+        bounds[1:] = torch.bincount(batch, minlength=n).cumsum(0)  # integer counts: exact on any device
+        assert n * c < 2**31, "roi_pool: N*C planes pass CUDA's grid limit"
+        block = min(_DETERMINISTIC_BLOCK, triton.next_power_of_2(phpw))
+        _roi_pool_bwd_deterministic_kernel[(n * c,)](
+            grad, argmax, order, bounds, grad_in, c, h, w, PHPW=phpw, BLOCK=block,
+            num_warps=_DETERMINISTIC_WARPS,
+        )  # fmt: skip
+    else:
         block, warps = _settings(c * phpw)
-        grid = (k, triton.cdiv(c * phpw, block))
-        _roi_pool_bwd_kernel[grid](
-            grad.contiguous(), argmax, rois.contiguous(), grad_in, c, h, w, PHPW=phpw, BLOCK=block,
+        per_roi = triton.cdiv(c * phpw, block)
+        _roi_pool_bwd_kernel[_grid_1d(k, per_roi)](
+            grad, argmax, rois.contiguous(), grad_in, c, h, w, per_roi, PHPW=phpw, BLOCK=block,
             num_warps=warps,
         )  # fmt: skip
     return grad_in.to(grad.dtype)
@@ -208,9 +299,7 @@ def _roi_pool_fwd_op(
     need_argmax: bool,
 ) -> tuple[Tensor, Tensor]:
     _check_roi_values(rois, input.shape[0], spatial_scale)
-    backend = "triton" if _use_triton(input) else "cpu"
-    backend_calls[backend] += 1
-    fwd = _roi_pool_fwd_triton if backend == "triton" else roi_pool_fwd_cpu
+    fwd = _roi_pool_fwd_triton if _use_triton(input) else roi_pool_fwd_cpu
     return fwd(input, rois, spatial_scale, pooled_height, pooled_width, need_argmax)
 
 
@@ -224,9 +313,7 @@ def _(input, rois, spatial_scale, pooled_height, pooled_width, need_argmax):
 def _roi_pool_bwd_op(
     grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: int, channels: int, height: int, width: int
 ) -> Tensor:
-    backend = "triton" if _use_triton(grad) else "cpu"
-    backend_calls[backend] += 1
-    bwd = _roi_pool_bwd_triton if backend == "triton" else roi_pool_bwd_cpu
+    bwd = _roi_pool_bwd_triton if _use_triton(grad) else roi_pool_bwd_cpu
     return bwd(grad, rois, argmax, batch_size, channels, height, width)
 
 

@@ -1,26 +1,51 @@
 """RoI max pooling on CPU tensors (the semantics of kernels/roi_pool.py): torch ops over all RoIs at once.
 
-Two exact forward methods, picked by a rough count of rows touched: grouped bin windows (few RoIs, training;
-the only one that finds argmaxes) and a range-max table (many RoIs, test time). The backward scatters each
-output gradient to its argmax with one index_add_. Outputs equal the Triton kernels' exactly, except that
-where a bin's maximum is a zero and the window holds both -0.0 and +0.0 this path may return the other sign.
+Forward: a range-max (sparse) table. Level (i, j) holds, at every pixel, the maximum of the 2^i x 2^j window
+whose top-left corner it is; any bin is then the maximum of the four power-of-two windows at its corners
+(they overlap, which a maximum does not mind). Cost ~ map size x levels + 4 rows per bin, whatever the bin
+size, where torchvision's CPU loop pays the bin's area for every output.
+
+Argmax: the reference keeps the FIRST maximum in row-major order, which is the maximum with the smallest
+flat index h*W+w. So each pixel gets one int64 key, (order code of its value) << 32 | (2^31 - 1 - h*W - w):
+a larger key means a larger value, or an equal value further up-left, and the table's maxima of keys carry
+exact argmaxes through any overlap. Without a gradient the table holds the values themselves (half the
+bytes). Channels are last, so every gathered row is a pixel's C-vector; tables are built per channel block
+and bins are gathered in steps sized to stay in cache (fresh large tensors on a CPU cost page faults).
+
+Backward: one scatter-add of every output gradient at its argmax into a flat gradient buffer, RoI chunks
+at a time; serial, so deterministic by construction.
 """
 
 import torch
 from torch import Tensor
 
 FLT_MAX = 3.4028234663852886e38  # the reference's scan starts at -FLT_MAX, for every dtype
-_TABLE_BUDGET = 1 << 25  # elements of one range-max table (128 MiB fp32); more: channel blocks
-_CPU_METHOD = None  # without argmax: None picks "table" or "windows" by cost; tests force each
-_GATHER_BUDGET = 1 << 22  # elements gathered per step (16 MiB fp32): few, large ops
+_TABLE_BUDGET = 1 << 19  # elements of the range-max table (4 MiB of int64 keys): more -> channel blocks
+_STEP_BUDGET = 1 << 16  # elements gathered per step (512 KiB of keys): the temporaries stay in cache
+_LOW = 2**31 - 1  # key low word = _LOW - h*W - w; _LOW + 1 (argmax -1) marks values <= -FLT_MAX and empty bins
+
+
+def round_half_away(x: Tensor) -> Tensor:
+    """C round(): halves away from zero (torch.round and Python round() send halves to even).
+
+    Computed as floor(|x|) + (frac >= 0.5) with the sign put back; floor(x + 0.5) would be wrong in fp32,
+    where 0.49999997 + 0.5 rounds up to 1.0.
+
+    Args:
+        x: floating tensor of any shape.
+    Returns:
+        x rounded to integral values, same shape and dtype.
+    """
+    a = x.abs()
+    r = a.floor()
+    r = torch.where(a - r >= 0.5, r + 1, r)
+    return torch.where(x < 0, -r, r)
 
 
 def _bin_bounds(rois: Tensor, scale: float, ph: int, pw: int, h: int, w: int):
     """Clipped bin edges, the kernel's fp32 math in torch: hs, he (K, PH) and ws, we (K, PW), int64."""
     v = rois[:, 1:].float() * torch.tensor(scale, dtype=torch.float32)  # (K, 4) x1, y1, x2, y2 scaled
-    a = v.abs()
-    r = torch.where(a - a.floor() >= 0.5, a.floor() + 1, a.floor())  # C round(): _round_half_away
-    sw, sh, ew, eh = torch.where(v < 0, -r, r).long().unbind(1)
+    sw, sh, ew, eh = round_half_away(v).long().unbind(1)
     bin_w = (ew - sw + 1).clamp(min=1).float() / pw
     bin_h = (eh - sh + 1).clamp(min=1).float() / ph
 
@@ -33,13 +58,34 @@ def _bin_bounds(rois: Tensor, scale: float, ph: int, pw: int, h: int, w: int):
     return (*edges(bin_h, sh, ph, h), *edges(bin_w, sw, pw, w))
 
 
-def _range_max_table(t: Tensor, levels_h: int, levels_w: int) -> Tensor:
-    """(levels_h*levels_w*N*H*W + 1, C) rows: row (i, j, n, h, w) is the max of t over the 2^i x 2^j window
-    at (h, w) of image n; the last row holds 0, what an empty bin reads."""
-    n, h, w, c = t.shape
-    rows = t.new_empty((levels_h * levels_w * n * h * w + 1, c))
+def _codes(xs: Tensor) -> tuple[Tensor, Tensor | None, int]:
+    """Order codes of a clamped map (int64, monotone in the value, -0.0 == 0.0), the value of each code, and
+    the code of 0.0.
+
+    fp32 bits made monotone as signed ints (fp16/bf16 widen to fp32 exactly); float64 values are ranked
+    instead (torch.unique), and values holds the distinct values indexed by code plus a trailing 0.0.
+    """
+    if xs.dtype == torch.float64:
+        values, code = torch.unique(xs, sorted=True, return_inverse=True)  # -0.0 == 0.0: one rank
+        return code, torch.cat([values, values.new_zeros(1)]), values.numel()
+    bits = (xs + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into 0.0: the reference's '>' ties them
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF), None, 0  # flip the magnitude bits of negatives
+
+
+def _decode(key: Tensor, values: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Maxima (fp32, or fp64 with ranked codes) and argmaxes (int64) of table keys."""
+    arg = _LOW - (key & 0xFFFFFFFF)
+    code = key >> 32
+    if values is not None:
+        return values[code], arg
+    return (code ^ ((code >> 31) & 0x7FFFFFFF)).int().view(torch.float32), arg
+
+
+def _build_table(rows: Tensor, levels_h: int, levels_w: int, shape) -> None:
+    """Fill levels (i, j) != (0, 0) of rows, (levels_h*levels_w*N*H*W + 1, C): row (i, j, n, h, w) becomes
+    the max over the 2^i x 2^j window at (h, w) of image n (level (0, 0), the map, is already there)."""
+    n, h, w, c = shape
     tab = rows[:-1].view(levels_h, levels_w, n, h, w, c)
-    tab[0, 0], rows[-1] = t, 0  # 1 x 1 windows: the map itself
     for i in range(levels_h):
         for j in range(levels_w):
             if i == j == 0:
@@ -51,59 +97,6 @@ def _range_max_table(t: Tensor, levels_h: int, levels_w: int) -> Tensor:
             torch.maximum(
                 tab[src].narrow(dim, 0, m), tab[src].narrow(dim, s, m), out=tab[i, j].narrow(dim, 0, m)
             )
-    return rows
-
-
-def _pool_table(t: Tensor, batch: Tensor, hs, he, ws, we, emit) -> None:
-    # Range-max (sparse) table: any bin is the max of the four power-of-two windows at its corners, which
-    # overlap (harmless for a max). Cost ~ map size x levels + 4 rows per bin. Values only, no argmax.
-    n, h, w, c = t.shape
-    k, ph, pw = hs.shape[0], hs.shape[1], ws.shape[1]
-    bh, bw = (he - hs)[:, :, None], (we - ws)[:, None, :]  # (K, PH, 1), (K, 1, PW)
-    levels_h, levels_w = max(int(bh.max()).bit_length(), 1), max(int(bw.max()).bit_length(), 1)
-    kh = sum(((bh >= 2**i).long() for i in range(1, levels_h)), torch.zeros_like(bh))  # floor(log2 height)
-    kw = sum(((bw >= 2**i).long() for i in range(1, levels_w)), torch.zeros_like(bw))
-    top, bottom = hs[:, :, None], (he[:, :, None] - 2**kh).clamp(min=0)
-    left, right = ws[:, None, :], (we[:, None, :] - 2**kw).clamp(min=0)
-    base = ((kh * levels_w + kw) * n + batch[:, None, None]) * (h * w)  # (K, PH, PW)
-    empty_row = levels_h * levels_w * n * h * w
-    corners = torch.stack([base + row * w + col for row in (top, bottom) for col in (left, right)])
-    corners = torch.where((bh <= 0) | (bw <= 0), empty_row, corners).view(4, -1)  # (4, K*PH*PW) table rows
-    c_step = max(1, _TABLE_BUDGET // empty_row)  # channel blocks bound the table memory
-    r_step = max(1, _GATHER_BUDGET // (4 * ph * pw * min(c, c_step))) * ph * pw  # whole RoIs per step
-    for c0 in range(0, c, c_step):
-        rows = _range_max_table(t[..., c0 : c0 + c_step], levels_h, levels_w)
-        for r0 in range(0, k * ph * pw, r_step):
-            sel = corners[:, r0 : r0 + r_step]
-            emit(r0 // (ph * pw), c0, rows.index_select(0, sel.reshape(-1)).view(4, sel.shape[1], -1).amax(0))
-
-
-def _pool_windows(t: Tensor, batch: Tensor, hs, he, ws, we, emit, need_argmax: bool) -> None:
-    # Gather every bin's window, bins grouped by window shape (one gather + one amax per group and chunk).
-    # Cost ~ the summed bin areas, no padding. The argmax is the first window position equal to the max.
-    n, h, w, c = t.shape
-    k, ph, pw = hs.shape[0], hs.shape[1], ws.shape[1]
-    bh = (he - hs)[:, :, None].expand(k, ph, pw).reshape(-1)  # (K*PH*PW,)
-    bw = (we - ws)[:, None, :].expand(k, ph, pw).reshape(-1)
-    first = (hs[:, :, None] * w + ws[:, None, :]).reshape(-1)  # flat index of each bin's top-left pixel
-    top_left = batch.repeat_interleave(ph * pw) * (h * w) + first  # its row in t
-    rows = t.reshape(n * h * w, c)
-    best = t.new_zeros((k * ph * pw, c))  # empty bins keep (0, -1)
-    best_i = torch.full((k * ph * pw, c), -1, dtype=torch.int32) if need_argmax else None
-    shapes = (bh * (w + 1) + bw)[(bh > 0) & (bw > 0)].unique().tolist()  # window shapes, one int each
-    for sh, sw in (divmod(shape, w + 1) for shape in shapes):
-        offs = (torch.arange(sh)[:, None] * w + torch.arange(sw)).reshape(-1)  # the window, row-major
-        # area..1: the largest weight on a match is the first one (small ints: a cheap amax)
-        weight = torch.arange(sh * sw, 0, -1, dtype=torch.uint8 if sh * sw < 256 else torch.int32)[:, None]
-        group = ((bh == sh) & (bw == sw)).nonzero().squeeze(1)
-        for part in group.split(max(1, _GATHER_BUDGET // (sh * sw * c))):
-            window = (top_left[part][:, None] + offs).reshape(-1)  # (bins * sh * sw,) rows of t
-            v = rows.index_select(0, window).view(len(part), sh * sw, c)
-            best[part] = v.amax(1)
-            if need_argmax:
-                pos = sh * sw - ((v == best[part][:, None]) * weight).amax(1).long()  # first max, row-major
-                best_i[part] = (first[part][:, None] + offs[pos]).int()
-    emit(0, 0, best, best_i)
 
 
 def roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, need_argmax: bool):
@@ -115,38 +108,68 @@ def roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, ne
     Returns:
         (K, C, ph, pw) maxima in x's dtype, and (K, C, ph, pw) int32 argmaxes (or an empty (0,) tensor).
     """
-    # Channels last, so that each gathered row is a pixel's C-vector. Two exact methods, the cheaper by a
-    # rough count of rows touched: bin windows for few RoIs (training; the only one that finds argmaxes)
-    # and the range-max table for many (test time: 2000 proposals).
     (n, c, h, w), k = x.shape, rois.shape[0]
     argmax_shape = (k, c, ph, pw) if need_argmax else (0,)
     if k == 0 or c * h * w == 0:  # no RoI, or every bin empty
         return x.new_zeros((k, c, ph, pw)), torch.full(argmax_shape, -1, dtype=torch.int32)
+    # every element is written below (empty bins read the table's empty row): no fill pass
+    out, argmax = torch.empty((k, c, ph, pw), dtype=x.dtype), torch.empty(argmax_shape, dtype=torch.int32)
     hs, he, ws, we = _bin_bounds(rois, scale, ph, pw, h, w)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(acc).permute(0, 2, 3, 1)  # (N, H, W, C)
-    xs = torch.where(xs > -FLT_MAX, xs, -FLT_MAX)  # NaN and <= -FLT_MAX never win: the reference's -FLT_MAX
-    out = torch.empty((k, c, ph, pw), dtype=x.dtype)
-    argmax = torch.empty(argmax_shape, dtype=torch.int32)
 
-    def emit(k0, c0, best, best_i=None):  # (kc*PH*PW, cb) results for RoIs k0.. and channels c0..
-        kc, cb = best.shape[0] // (ph * pw), best.shape[1]
-        out[k0 : k0 + kc, c0 : c0 + cb] = best.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
-        if need_argmax:  # nothing beat -FLT_MAX: argmax -1
-            best_i = torch.where(best > -FLT_MAX, best_i, -1)
-            argmax[k0 : k0 + kc, c0 : c0 + cb] = best_i.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+    # --- each bin: its four corner windows (rows of the table), at level (floor log2 height, ... width)
+    bh, bw = (he - hs)[:, :, None], (we - ws)[:, None, :]  # (K, PH, 1), (K, 1, PW)
+    levels_h, levels_w = max(int(bh.max()).bit_length(), 1), max(int(bw.max()).bit_length(), 1)
+    kh = sum(((bh >= 2**i).long() for i in range(1, levels_h)), torch.zeros_like(bh))  # floor(log2 height)
+    kw = sum(((bw >= 2**i).long() for i in range(1, levels_w)), torch.zeros_like(bw))
+    top, bottom = hs[:, :, None], (he[:, :, None] - 2**kh).clamp(min=0)
+    left, right = ws[:, None, :], (we[:, None, :] - 2**kw).clamp(min=0)
+    batch = rois[:, 0].long()
+    base = ((kh * levels_w + kw) * n + batch[:, None, None]) * (h * w)  # (K, PH, PW)
+    empty_row = levels_h * levels_w * n * h * w
+    corners = torch.stack([base + row * w + col for row in (top, bottom) for col in (left, right)])
+    corners = torch.where((bh <= 0) | (bw <= 0), empty_row, corners).view(4, -1)  # (4, K*PH*PW) table rows
+    # the low word of a key: _LOW - h*W - w, so that the first pixel of equal values has the larger key
+    low = (_LOW - torch.arange(h * w, dtype=torch.int64)).view(1, h, w, 1)
 
-    bh, bw = (he - hs).clamp(min=0), (we - ws).clamp(min=0)
-    window_cost = int((bh[:, :, None] * bw[:, None, :]).sum())
-    table_cost = max(int(bh.max()).bit_length(), 1) * max(int(bw.max()).bit_length(), 1) * n * h * w
-    table_cost += 4 * k * ph * pw
-    # (the windows' per-shape overhead only pays off on real work: small calls keep the table)
-    cheaper = "windows" if window_cost < table_cost and window_cost * c > 1 << 20 else "table"
-    xs, batch = xs.contiguous(), rois[:, 0].long()
-    if need_argmax or (_CPU_METHOD or cheaper) == "windows":
-        _pool_windows(xs, batch, hs, he, ws, we, emit, need_argmax)
-    else:
-        _pool_table(xs, batch, hs, he, ws, we, emit)
+    # --- channel blocks: one table buffer, reused (fresh large tensors cost page faults on a CPU)
+    c_step = max(1, min(c, _TABLE_BUDGET // (empty_row + 1)))
+    table = torch.empty((empty_row + 1) * c_step, dtype=torch.int64 if need_argmax else acc)
+    for c0 in range(0, c, c_step):
+        cb = min(c_step, c - c0)
+        rows = table[: (empty_row + 1) * cb].view(empty_row + 1, cb)
+        level0 = rows[:-1].view(-1, n, h, w, cb)[0]  # (N, H, W, cb): the map's pixels
+        xs = x[:, c0 : c0 + cb].permute(0, 2, 3, 1).to(acc)  # channels last
+        xs = torch.where(xs > -FLT_MAX, xs, -FLT_MAX)  # NaN and <= -FLT_MAX never win: the reference's start
+        if need_argmax:
+            code, values, zero_code = _codes(xs)
+            # a value <= -FLT_MAX never wins: its low word says argmax -1 (they all share one code)
+            torch.bitwise_or(code << 32, torch.where(xs > -FLT_MAX, low, _LOW + 1), out=level0)
+            rows[-1] = (zero_code << 32) | (_LOW + 1)  # an empty bin: 0.0 and argmax -1, as the reference
+            # the reference returns x at the argmax: a -0.0 there is fetched back (codes merged it with 0.0)
+            neg_zero = bool(((xs == 0) & xs.signbit()).any())
+        else:
+            level0.copy_(xs)
+            rows[-1] = 0
+        _build_table(rows, levels_h, levels_w, (n, h, w, cb))
+        r_step = max(1, _STEP_BUDGET // (ph * pw * cb)) * ph * pw  # whole RoIs per step
+        for r0 in range(0, k * ph * pw, r_step):
+            sel = corners[:, r0 : r0 + r_step]
+            best = rows.index_select(0, sel[0])
+            for i in range(1, 4):
+                torch.maximum(best, rows.index_select(0, sel[i]), out=best)
+            k0, kc = r0 // (ph * pw), sel.shape[1] // (ph * pw)
+            dst = (slice(k0, k0 + kc), slice(c0, c0 + cb))
+            if not need_argmax:
+                out[dst] = best.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+                continue
+            val, arg = _decode(best, values)
+            if neg_zero:  # rare: refetch zero maxima from the map, to get the sign of the first one
+                zero = (val == 0) & (arg >= 0)
+                pixel = batch[k0 : k0 + kc].repeat_interleave(ph * pw)[:, None] * (h * w) + arg.clamp(min=0)
+                val[zero] = xs.reshape(-1, cb).gather(0, pixel)[zero]
+            out[dst] = val.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+            argmax[dst] = arg.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
     return out, argmax
 
 
@@ -160,11 +183,19 @@ def roi_pool_bwd_cpu(grad: Tensor, rois: Tensor, argmax: Tensor, n: int, c: int,
         (N, C, H, W) gradient in grad's dtype.
     """
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    grad_in = torch.zeros(n * c * h * w + 1, dtype=acc)  # + a bin for argmax -1 (empty bins), dropped below
+    grad_in = torch.zeros((n, c, h, w), dtype=acc)
     k = argmax.shape[0]
     if k > 0 and c > 0:
-        plane = (rois[:, 0].long()[:, None] * c + torch.arange(c)) * (h * w)  # (K, C) start of each plane
-        arg = argmax.view(k, c, -1).long()  # (K, C, PH*PW)
-        idx = torch.where(arg >= 0, plane[:, :, None] + arg, n * c * h * w)
-        grad_in.index_add_(0, idx.view(-1), grad.reshape(-1).to(acc))
-    return grad_in[:-1].view(n, c, h, w).to(grad.dtype)
+        p = argmax.shape[2] * argmax.shape[3]
+        flat = grad_in.view(-1)
+        base = ((rois[:, 0].long()[:, None] * c + torch.arange(c)) * (h * w))[:, :, None]  # (K, C, 1) planes
+        arg, g = argmax.view(k, c, p), grad.reshape(k, c, p)
+        any_empty = bool((argmax < 0).any())  # empty bins (argmax -1) are rare: mask only when present
+        k_step = max(1, 4 * _STEP_BUDGET // (c * p))  # RoIs per step: index and values stay in cache
+        for k0 in range(0, k, k_step):
+            a, src = arg[k0 : k0 + k_step], g[k0 : k0 + k_step].to(acc)
+            if any_empty:  # argmax -1 routes nothing
+                a, src = a.clamp(min=0), src.masked_fill(a < 0, 0)
+            idx = a + base[k0 : k0 + k_step]  # int64 flat pixels, (kc, C, PH*PW)
+            flat.scatter_add_(0, idx.view(-1), src.reshape(-1))
+    return grad_in.to(grad.dtype)

@@ -35,6 +35,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -72,7 +73,10 @@ def _smooth_l1_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     start = pid * num_iters * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(num_iters):
+    # while, not range(num_iters): triton 3.6's interpreter cannot take a runtime value as a range() bound
+    # (it calls int() on a 1-element array, an error under numpy 2.4); the compiled loop is the same
+    i = 0
+    while i < num_iters:
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -96,6 +100,7 @@ def _smooth_l1_fwd_kernel(
             acc += loss
         else:
             tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+        i += 1
     if REDUCE:
         tl.store(loss_ptr + pid, (tl.sum(acc, axis=0) * scale).to(loss_ptr.dtype.element_ty))
 
@@ -173,34 +178,40 @@ def _fwd_triton(x: Tensor, y: Tensor, w: Optional[Tensor], beta: float, reductio
 
 
 def _smooth_l1_torch(x: Tensor, y: Tensor, w: Optional[Tensor], beta: float, reduction: str, need_grad: bool):
-    """The CPU path and the reference: loss and gradient together in vectorised torch.
+    """The CPU path (and fp64 on CUDA): loss and gradient together from PyTorch's fused elementwise kernels.
 
-    Same function as the kernel, in a where-free form with few passes (torch.where is slow on CPU): with
-    c = clamp(d, -beta, beta), f'(d) = c / beta and f(d) = c * (d - c/2) / beta.
+    F.smooth_l1_loss(reduction="none") gives f(d) in one pass; aten.smooth_l1_loss_backward with the weights
+    (times the mean's 1/n) as its upstream gradient gives weight * f'(d) * scale in one more; a dot product
+    sums the weighted loss without materialising it. Fewer passes than the same loss written with torch ops,
+    where the weight multiply and the sum are separate passes each way. beta = 0 (L1) keeps the subgradient
+    sign(0) = 0 of F.l1_loss, which aten's backward (slope +1 at d = 0 there) does not.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    d = x.to(compute) - y.to(compute)  # a new tensor: the in-place ops below touch no input
-    grad = x.new_empty(0)
-    if beta > 0:
-        c = d.clamp(-beta, beta)
-        loss = d.sub_(c, alpha=0.5).mul_(c)  # beta * f(d), in d's memory
-        grad = c.div_(beta) if need_grad else grad  # f'(d), in c's memory
-        loss_scale = 1.0 / beta
-    else:  # L1; sign(0) = 0 as in F.l1_loss
-        grad = d.sign() if need_grad else grad
-        loss, loss_scale = d.abs_(), 1.0
+    out_dtype = x.dtype
+    x, y = x.to(compute), y.to(compute)
+    w = None if w is None else w.to(compute)
     scale = 1.0 / x.numel() if reduction == "mean" else 1.0
-    if w is not None:
-        w = w.to(compute)
-        loss.mul_(w)
-    if need_grad:
-        grad = grad if w is None else grad.mul_(w)
-        grad = (grad if scale == 1.0 else grad.mul_(scale)).to(x.dtype)
+    if beta > 0:
+        loss = F.smooth_l1_loss(x, y, reduction="none", beta=beta)
+        grad = x.new_empty(0)
+        if need_grad:
+            upstream = x.new_tensor(scale).expand_as(x) if w is None else (w if scale == 1.0 else w * scale)
+            grad = torch.ops.aten.smooth_l1_loss_backward(upstream, x, y, 0, beta)  # 0: reduction "none"
+    else:  # L1
+        d = x - y
+        grad = d.sign() if need_grad else x.new_empty(0)
+        if need_grad and w is not None:
+            grad.mul_(w)
+        if need_grad and scale != 1.0:
+            grad.mul_(scale)
+        loss = d.abs_()
     if reduction == "none":
-        loss = loss if loss_scale == 1.0 else loss.mul_(loss_scale)
+        loss = loss if w is None else loss.mul_(w)
+    elif w is None:
+        loss = loss.sum() * scale
     else:
-        loss = loss.sum() * (scale * loss_scale)
-    return loss.to(x.dtype), grad
+        loss = torch.dot(loss.reshape(-1), w.reshape(-1)) * scale  # the weighted sum in one pass
+    return loss.to(out_dtype), grad.to(out_dtype) if need_grad else grad
 
 
 @torch.library.custom_op("frcnn::smooth_l1_fwd", mutates_args=())
@@ -270,6 +281,25 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 _smooth_l1_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SmoothL1Eager(torch.autograd.Function):
+    """Eager calls on the torch path, outside torch.compile: the same two functions as the ops, without
+    torch.library's Python dispatch, which costs ~0.1 ms per op call on a CPU (more than the whole loss at
+    Fast R-CNN's 128 x 84)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, beta, reduction, need_grad):
+        loss, grad = _smooth_l1_torch(input, target, weight, beta, reduction, need_grad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        scaled = grad * grad_loss  # what frcnn::smooth_l1_bwd computes on this path
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (scaled if need_input else None), (-scaled if need_target else None), None, None, None, None
+
+
 def _check(input: Tensor, target: Tensor, beta: float, reduction: str, weight: Optional[Tensor]) -> None:
     where = "smooth_l1_loss"
     for name, t in (("input", input), ("target", target), ("weight", weight)):
@@ -312,5 +342,7 @@ def smooth_l1_loss(
     """
     _check(input, target, beta, reduction, weight)
     need_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    if input.numel() > 0 and not _uses_triton(input) and not torch.compiler.is_compiling():
+        return _SmoothL1Eager.apply(input, target, weight, float(beta), reduction, need_grad)
     loss, _ = torch.ops.frcnn.smooth_l1_fwd(input, target, weight, float(beta), reduction, need_grad)
     return loss

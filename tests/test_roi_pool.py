@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from kernels import roi_pool_cpu
-from kernels.roi_pool import RoIPool, _roi_pool_bwd_kernel, _roi_pool_fwd_kernel, _settings, roi_pool
+from kernels.roi_pool import (
+    RoIPool,
+    _roi_pool_bwd_deterministic_kernel,
+    _roi_pool_bwd_kernel,
+    _roi_pool_fwd_kernel,
+    _settings,
+    roi_pool,
+)
 
 R = importlib.import_module("kernels.roi_pool")  # the module: kernels/__init__ re-exports the function's name
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the run of tests/test_interpreter.py
@@ -253,14 +260,34 @@ def test_argmax_only_written_when_a_gradient_is_needed(monkeypatch):
     assert seen == [False, False, True]
 
 
-def test_the_expected_backend_ran():
-    # under the interpreter the Triton kernels must really run, not the CPU path
-    before = dict(R.backend_calls)
+def test_the_expected_backend_ran(monkeypatch):
+    # under the interpreter the Triton kernels must really run, not the CPU path: count the launchers' calls
+    calls = []
+    for name in ("_roi_pool_fwd_triton", "_roi_pool_bwd_triton", "roi_pool_fwd_cpu", "roi_pool_bwd_cpu"):
+        fn = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     x, rois, scale, ph, pw = run_case("two_images_7x7", torch.float32)
     roi_pool(x.requires_grad_(True), rois, ph, scale).sum().backward()
-    used = "triton" if INTERPRET else "cpu"
-    assert R.backend_calls[used] == before[used] + 2  # forward and backward
-    assert sum(R.backend_calls.values()) == sum(before.values()) + 2
+    want = ["_roi_pool_fwd_triton", "_roi_pool_bwd_triton"] if INTERPRET else ["roi_pool_fwd_cpu", "roi_pool_bwd_cpu"]
+    assert calls == want
+
+
+@pytest.mark.parametrize("name", ["two_images_7x7", "degenerate", "partly_outside"])
+def test_deterministic_backward(name):
+    # torch.use_deterministic_algorithms(True): the Triton path (interpreter run) switches to the plane-owner
+    # kernel, the CPU path is deterministic anyway; both equal the oracle and repeat bit for bit
+    x, rois, scale, ph, pw = run_case(name, torch.float32, "ties")
+    rois = torch.cat([rois, rois.flip(0)])  # RoIs that repeat: many gradients land on the same pixels
+    out, arg = fwd_op(x, rois, scale, ph, pw, True)
+    grad = torch.randn(out.shape)
+    want = oracle_backward(grad, rois, oracle(x, rois, scale, ph, pw)[1], x.shape)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [bwd_op(grad, rois, arg, *x.shape) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(runs[0].double(), want, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
 
 
 @pytest.mark.skipif(
@@ -275,22 +302,38 @@ def test_triton_matches_cpu_path():
 
 
 @pytest.mark.skipif(INTERPRET, reason="CPU path only")
-@pytest.mark.parametrize("method", ["table", "windows"])
-@pytest.mark.parametrize("small_chunks", [False, True])
-def test_both_cpu_methods(monkeypatch, method, small_chunks):
-    # without argmax the CPU path picks one of two exact methods by cost (with argmax: windows): force each
-    monkeypatch.setattr(roi_pool_cpu, "_CPU_METHOD", method)
-    if small_chunks:  # tables per channel block, gathers in many steps
-        monkeypatch.setattr(roi_pool_cpu, "_TABLE_BUDGET", 200)
-        monkeypatch.setattr(roi_pool_cpu, "_GATHER_BUDGET", 1)
+def test_cpu_path_in_small_blocks(monkeypatch):
+    # tables per channel block and bins gathered in many steps give the same exact results
+    monkeypatch.setattr(roi_pool_cpu, "_TABLE_BUDGET", 200)
+    monkeypatch.setattr(roi_pool_cpu, "_STEP_BUDGET", 1)
     for name in CASES:
         for dtype, kind in [(torch.float32, "ties"), (torch.float64, "randn")]:
             x, rois, scale, ph, pw = run_case(name, dtype, kind)
+            want, want_arg = oracle(x, rois, scale, ph, pw)
             for need_argmax in (True, False):
                 out, arg = roi_pool_cpu.roi_pool_fwd_cpu(x, rois, scale, ph, pw, need_argmax)
-                want, want_arg = oracle(x, rois, scale, ph, pw)
                 assert torch.equal(out.double(), want), (name, dtype)
                 assert torch.equal(arg, want_arg if need_argmax else arg.new_empty(0)), (name, dtype)
+            grad = torch.randn(want.shape, dtype=dtype)
+            got = roi_pool_cpu.roi_pool_bwd_cpu(grad, rois, want_arg, *x.shape)
+            torch.testing.assert_close(got, oracle_backward(grad, rois, want_arg, x.shape).to(dtype))
+
+
+def test_signed_zeros_keep_the_first_ones_sign():
+    # -0.0 == 0.0 for the reference's '>': the first zero in row-major order wins, with its sign
+    x = torch.tensor([[[[-0.0, 0.0, -3.0], [0.0, -0.0, -1.0], [float("nan"), float("-inf"), -0.0]]]])
+    for size in (1, 2, 3):
+        out, arg = fwd_op(x, torch.tensor([[0.0, 0, 0, 2, 2]]), 1.0, size, size, True)
+        want, want_arg = oracle(x, torch.tensor([[0.0, 0, 0, 2, 2]]), 1.0, size, size)
+        assert torch.equal(arg, want_arg)
+        assert torch.equal(out.double(), want) and torch.equal(out.signbit(), want.signbit())
+
+
+def test_round_half_away():
+    v = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 3.0, -3.7])
+    want = torch.tensor([c_round(float(t)) for t in v], dtype=torch.float32)
+    assert torch.equal(roi_pool_cpu.round_half_away(v), want)
+    assert roi_pool_cpu.round_half_away(torch.tensor([2.5], dtype=torch.float64)).dtype == torch.float64
 
 
 @pytest.mark.skipif(INTERPRET, reason="slow CPU-only check at the paper's test-time shape")
@@ -369,16 +412,22 @@ def test_kernels_compile_without_spills(arch):
     builds = {}
     for dtype, write_argmax in [("fp32", True), ("fp32", False), ("fp16", True), ("bf16", False)]:
         sig = dict(x_ptr=f"*{dtype}", rois_ptr=f"*{dtype}", out_ptr=f"*{dtype}", argmax_ptr="*i32", c="i32",
-                   h="i32", w="i32", spatial_scale="fp32", PH="constexpr", PW="constexpr",
+                   h="i32", w="i32", blocks_per_roi="i32", spatial_scale="fp32", PH="constexpr", PW="constexpr",
                    WRITE_ARGMAX="constexpr", BLOCK="constexpr")  # fmt: skip
         meta = dict(PH=7, PW=7, WRITE_ARGMAX=write_argmax, BLOCK=block)
         builds[f"fwd {dtype} argmax={write_argmax}"] = (_roi_pool_fwd_kernel, sig, meta)
     for dtype in ["fp32", "bf16"]:
         sig = dict(grad_ptr=f"*{dtype}", argmax_ptr="*i32", rois_ptr=f"*{dtype}", grad_in_ptr="*fp32",
-                   c="i32", h="i32", w="i32", PHPW="constexpr", BLOCK="constexpr")  # fmt: skip
+                   c="i32", h="i32", w="i32", blocks_per_roi="i32", PHPW="constexpr", BLOCK="constexpr")  # fmt: skip
         builds[f"bwd {dtype}"] = (_roi_pool_bwd_kernel, sig, dict(PHPW=49, BLOCK=block))
-    for name, (kernel, sig, meta) in builds.items():
-        usage = compile_for_gpu(kernel, sig, meta, arch, warps)
-        print(f"\nroi_pool {name} sm{arch}: {usage['registers']} registers/thread, {warps} warps, "
+        sig = dict(grad_ptr=f"*{dtype}", argmax_ptr="*i32", order_ptr="*i64", bounds_ptr="*i64",
+                   grad_in_ptr="*fp32", c="i32", h="i32", w="i32", PHPW="constexpr", BLOCK="constexpr")  # fmt: skip
+        builds[f"bwd deterministic {dtype}"] = (
+            _roi_pool_bwd_deterministic_kernel, sig, dict(PHPW=49, BLOCK=R._DETERMINISTIC_BLOCK),
+            R._DETERMINISTIC_WARPS,
+        )
+    for name, (kernel, sig, meta, *num_warps) in builds.items():
+        usage = compile_for_gpu(kernel, sig, meta, arch, num_warps[0] if num_warps else warps)
+        print(f"\nroi_pool {name} sm{arch}: {usage['registers']} registers/thread, {usage['num_warps']} warps, "
               f"local {usage['local']} B")  # fmt: skip
         assert usage["local"] == 0, f"{name} spills registers on sm{arch} ({usage})"
