@@ -1,7 +1,13 @@
-"""Evaluate a trained Fast R-CNN: detections, PASCAL VOC AP / mAP (devkit-exact), comp4 result files, timing, plots.
+"""Evaluate a trained Fast R-CNN: detections, PASCAL VOC AP / mAP (devkit-exact), comp4 result files, timing, plots;
+or run it on your own images.
 
     python eval.py --checkpoint runs/demo/final.pt
     python eval.py --checkpoint final.pt --data VOCdevkit/VOC2007 --split test --svd --out runs/eval_svd
+    python eval.py --checkpoint runs/demo/final.pt --images photo.jpg more_photos/ --min-score 0.5
+
+--images (files, or folders of .jpg/.jpeg/.png/.bmp/.tif/.tiff; --recursive descends into subfolders) needs no
+annotations: it writes OUT/detections.json (per image, in the order given: image, width, height, detections with
+label, score and box [x1, y1, x2, y2] in the image's 0-based pixels, by descending score) and OUT/<image stem>.png.
 
 Without --data the data set the checkpoint was trained on is used. The network (backbone, classes, input
 normalisation, head widths) comes from the checkpoint. --svd evaluates the truncated-SVD model (paper §3.1: fc6
@@ -9,18 +15,81 @@ rank 1024, fc7 rank 256 unless --svd-fc6/--svd-fc7 say otherwise). Test-time fie
 --test-scales 480,576,688,864,1200 --test-max-size 2000 for multi-scale testing).
 """
 
+import json
 import os
 import sys
+import time
+from types import SimpleNamespace
 
+import cv2
 import torch
+from tqdm import tqdm
 
 from detector.checkpoint import model_from_checkpoint, read_checkpoint
 from detector.config import build_parser, resolve, resolve_device
-from detector.data import load_voc
+from detector.data import load_voc, read_image
+from detector.detect import Detector
 from detector.errors import InputError
 from detector.evaluate import evaluate_split
-from detector.proposals import proposals_for_split
+from detector.plots import draw_detections
+from detector.proposals import compute_proposals, proposals_for_split
 from detector.svd import svd_compress
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def collect_images(paths: list[str], recursive: bool) -> list[str]:
+    """Image files named on the command line, in the order given; a folder gives its images in sorted order.
+    Paths that are neither an image file nor a folder are kept, so that they are reported as missing."""
+    found = []
+    for path in paths:
+        if not os.path.isdir(path):
+            found.append(path)
+            continue
+        walk = os.walk(path) if recursive else [(path, [], os.listdir(path))]
+        for folder, subfolders, files in walk:
+            subfolders.sort()
+            found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
+def detect_images(detector: Detector, paths: list[str], out_dir: str, min_score: float) -> int:
+    """--images: detections.json and one picture per image; an unreadable image is named and skipped (exit 1)."""
+    os.makedirs(out_dir, exist_ok=True)
+    readable, skipped = [], 0
+    for path in paths:
+        ok = os.path.isfile(path) and cv2.haveImageReader(path)
+        if ok and cv2.imread(path, cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None:
+            readable.append(path)
+        else:
+            print(f"error: {path}: {'not found' if not os.path.exists(path) else 'unreadable image'}; skipped",
+                  file=sys.stderr)
+            skipped += 1
+    # Selective search as for the evaluation: in parallel, cached by the image bytes.
+    start = time.perf_counter()
+    pseudo = [SimpleNamespace(path=p, image_id=os.path.splitext(os.path.basename(p))[0]) for p in readable]
+    boxes = compute_proposals(pseudo, mode=detector.proposal_mode, max_boxes=detector.cfg.max_proposals)
+    detector.seconds["proposals"] += time.perf_counter() - start
+    entries, stems = [], set()
+    for path, proposals in zip(tqdm(readable, desc="detect", unit="img"), boxes):
+        image = read_image(path)
+        found = detector(image, proposals, min_score=min_score)
+        entries.append({"image": path, "width": image.shape[1], "height": image.shape[0], "detections": [
+            {"label": label, "score": float(score), "box": [float(v) for v in box]}
+            for label, score, box in zip(found["labels"], found["scores"], found["boxes"])]})
+        stem = os.path.splitext(os.path.basename(path))[0]
+        while stem in stems:  # two images of one name in different folders
+            stem += "_"
+        stems.add(stem)
+        draw_detections(image, found["boxes"], found["labels"], found["scores"], os.path.join(out_dir, f"{stem}.png"))
+    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+    n = max(len(readable), 1)
+    print(f"{len(readable)} images, {sum(len(e['detections']) for e in entries)} detections with score >= "
+          f"{min_score} -> {out_dir}/detections.json and one .png per image")
+    print("mean time per image: " + ", ".join(f"{k} {v / n * 1000:.0f} ms" for k, v in detector.seconds.items())
+          + f" (total {sum(detector.seconds.values()) / n * 1000:.0f} ms)")
+    return 1 if skipped else 0
 
 
 def main() -> int:
@@ -28,15 +97,15 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="a final.pt or checkpoint.pt written by train.py")
     parser.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
     parser.add_argument("--svd", action="store_true", help="evaluate the truncated-SVD compressed model")
+    parser.add_argument("--images", nargs="+", metavar="PATH", help="detect in these image files or folders instead")
+    parser.add_argument("--recursive", action="store_true", help="--images: also the images in subfolders")
+    parser.add_argument("--min-score", type=float, default=0.5,
+                        help="--images: leave out detections scoring below this (display only; default 0.5)")
     args = parser.parse_args()
     ckpt = read_checkpoint(args.checkpoint)
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                        "eval_svd" if args.svd else "eval")
+    default_out = "detections" if args.images else "eval_svd" if args.svd else "eval"
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), default_out)
     cfg = resolve(args, base=ckpt["config"])
-    split = args.split or cfg.test_split
-    root = cfg.data or ckpt["data_root"]
-    if not os.path.isdir(root):
-        raise InputError(f"data set {root!r} not found; pass --data DIR")
     device = resolve_device(cfg.device)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     if args.svd:
@@ -44,6 +113,13 @@ def main() -> int:
         print(f"truncated SVD: fc6 rank {cfg.svd_fc6}, fc7 rank {cfg.svd_fc7}")
     model.to(device).eval()
     classes = ckpt["classes"]
+    if args.images:
+        return detect_images(Detector(model, classes, cfg), collect_images(args.images, args.recursive), cfg.out,
+                             args.min_score)
+    split = args.split or cfg.test_split
+    root = cfg.data or ckpt["data_root"]
+    if not os.path.isdir(root):
+        raise InputError(f"data set {root!r} not found; pass --data DIR")
     print(f"checkpoint {args.checkpoint}: backbone {model.backbone.name} ({model.backbone.pixel_format} input), "
           f"{len(classes)} classes, {split} of {root}")
     records, _ = load_voc(root, split, classes)

@@ -1,4 +1,5 @@
-"""Test-time detection (FR lib/fast_rcnn/test.py): one conv pass per scale, RoI pooling, scores and boxes, NMS.
+"""Test-time detection (FR lib/fast_rcnn/test.py): one conv pass per scale, RoI pooling, scores and boxes, NMS;
+and `Detector`, a trained model pointed at images (FR tools/demo.py; torchvision's model(images) interface).
 
 Per image: the image pyramid over the test scales; with several scales each RoI goes to the level whose scaled area
 is closest to 224^2 (FR _project_im_rois); RoIs identical after projection to the stride-16 map are computed once
@@ -6,11 +7,19 @@ is closest to 224^2 (FR _project_im_rois); RoIs identical after projection to th
 the top `max_per_class`, NMS at 0.3; optionally a cap on detections per image across classes.
 """
 
+import time
+from dataclasses import replace
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from detector.boxes import clip_boxes, decode_boxes, nms
+from detector.checkpoint import model_from_checkpoint, read_checkpoint
+from detector.config import Config, resolve_device
+from detector.errors import InputError
+from detector.proposals import selective_search
+from detector.svd import svd_compress
 from detector.data import image_scale, read_image, resize_image, to_tensor
 from detector.timing import StageTimer
 
@@ -104,3 +113,89 @@ def detect_dataset(model, records, proposals, cfg, progress: bool = True, timer:
         for j in range(model.num_classes + 1):
             all_dets[j][i] = dets[j]
     return all_dets
+
+
+class Detector:
+    """A trained Fast R-CNN pointed at images, with the test settings it was trained with.
+
+        det = Detector.from_checkpoint("runs/demo/final.pt", device="cpu")
+        found = det(image)  # HxWx3 uint8 RGB -> {"boxes": (n, 4), "labels": [n names], "scores": (n,)}
+
+    Boxes are 0-based (x1, y1, x2, y2) pixels of the image as given, x2/y2 inclusive (detector/boxes.py); the
+    detections are those of the evaluation (per-class score threshold, top max_per_class, NMS), across classes
+    in descending score order. `seconds` accumulates the time per stage over all calls: proposals, conv, head
+    (RoI pooling, fc layers, box decoding), nms.
+    """
+
+    def __init__(self, model, classes: list[str], cfg: Config):
+        self.model = model.eval()
+        self.classes = list(classes)
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.seconds = {"proposals": 0.0, "conv": 0.0, "head": 0.0, "nms": 0.0}
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "cpu", svd: bool = False, **overrides) -> "Detector":
+        """Load a train.py checkpoint (final.pt or checkpoint.pt); nothing in the file runs (checkpoint.py).
+
+        Args:
+            device: "cpu", "cuda" or "auto".
+            svd: use the truncated-SVD head (paper §3.1) with the checkpoint's ranks (svd_fc6 / svd_fc7).
+            overrides: test-time Config fields, e.g. test_scales=(480, 576), score_thresh=0.05.
+        """
+        ckpt = read_checkpoint(path)
+        fields = Config.__dataclass_fields__
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in fields})
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise InputError(f"unknown Detector settings {unknown}; they are Config fields (detector/config.py)")
+        cfg = replace(cfg, **overrides)
+        model = model_from_checkpoint(ckpt, path)
+        if svd:
+            model = svd_compress(model, cfg.svd_fc6, cfg.svd_fc7)
+        return cls(model.to(resolve_device(device)), ckpt["classes"], cfg)
+
+    def proposals(self, image: np.ndarray) -> np.ndarray:
+        """Selective-search boxes for an image, in the mode and number the checkpoint was tested with."""
+        return selective_search(image, mode=self.proposal_mode, max_boxes=self.cfg.max_proposals)
+
+    @property
+    def proposal_mode(self) -> str:
+        """The checkpoint's test proposal mode; "quality" (the paper's) when it was tested on a .mat file."""
+        return self.cfg.test_proposals if self.cfg.test_proposals in ("fast", "quality") else "quality"
+
+    def __call__(self, image: np.ndarray, proposals: np.ndarray | None = None, min_score: float = 0.0) -> dict:
+        """Detections in one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            proposals: (P, 4) boxes in the image's pixels; None computes them (selective search).
+            min_score: leave out detections scoring below this (a display threshold; the evaluation's
+                cfg.score_thresh still applies first).
+        Returns {"boxes": float32 (n, 4), "labels": list of n class names, "scores": float32 (n,)}, by
+        descending score.
+        """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
+        start = time.perf_counter()
+        if proposals is None:
+            proposals = self.proposals(image)
+        self.seconds["proposals"] += time.perf_counter() - start
+        timer = StageTimer(self.model, self.device)
+        with timer:
+            scores, boxes = im_detect(self.model, image, np.asarray(proposals, np.float32).reshape(-1, 4),
+                                      self.cfg.test_scales, self.cfg.test_max_size, timer)
+        self.seconds["conv"] += timer.seconds.get("conv", 0.0)
+        self.seconds["head"] += sum(v for k, v in timer.seconds.items() if k != "conv")
+        start = time.perf_counter()
+        dets = postprocess(scores, boxes, self.model.num_classes, self.cfg.score_thresh, self.cfg.max_per_class,
+                           self.cfg.nms, self.cfg.max_per_image)
+        rows = np.concatenate([np.zeros((0, 5), np.float32)] + dets[1:])
+        labels = np.concatenate([np.full(len(d), j, np.int64) for j, d in enumerate(dets[1:], start=1)] +
+                                [np.zeros(0, np.int64)])
+        order = np.argsort(-rows[:, 4], kind="stable")  # ties keep class order
+        order = order[rows[order, 4] >= min_score]
+        self.seconds["nms"] += time.perf_counter() - start
+        return {"boxes": rows[order, :4], "labels": [self.classes[j - 1] for j in labels[order]],
+                "scores": rows[order, 4]}

@@ -36,6 +36,32 @@ def plot_loss_curve(csv_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: list[str], scores: np.ndarray, path: str) -> None:
+    """One image (HxWx3 uint8 RGB) at its own resolution with its boxes, labels and scores, as a PNG."""
+    height, width = image.shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    ax.imshow(image)
+    _draw_boxes(ax, boxes, labels, scores, fontsize=max(6, min(width, height) / 60))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _draw_boxes(ax, boxes: np.ndarray, labels: list[str], scores: np.ndarray | None, fontsize: float = 6) -> None:
+    colours = plt.get_cmap("tab10")
+    for j, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
+        name = labels[j]
+        colour = colours(zlib.crc32(name.encode()) % 10)  # stable across runs
+        # +1: boxes are inclusive pixel ranges (VOC convention), so a box covers x2 - x1 + 1 pixels.
+        ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1 + 1, y2 - y1 + 1, fill=False, lw=1.5,
+                                   edgecolor=colour))
+        text = name if scores is None else f"{name} {scores[j]:.2f}"
+        ax.text(x1, y1 - 2, text, fontsize=fontsize, color="white", va="bottom",
+                bbox=dict(facecolor=colour, alpha=0.8, pad=1, lw=0))
+
+
 def draw_boxes_sheet(
     images: list[np.ndarray],
     boxes: list[np.ndarray],
@@ -51,21 +77,12 @@ def draw_boxes_sheet(
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
-    colours = plt.get_cmap("tab10")
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
             continue
         ax.imshow(images[i])
-        for j, (x1, y1, x2, y2) in enumerate(np.asarray(boxes[i]).reshape(-1, 4)):
-            name = labels[i][j]
-            colour = colours(zlib.crc32(name.encode()) % 10)  # stable across runs
-            # +1: boxes are inclusive pixel ranges (VOC convention), so a box covers x2 - x1 + 1 pixels.
-            ax.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1 + 1, y2 - y1 + 1, fill=False, lw=1.5,
-                                       edgecolor=colour))
-            text = name if scores is None else f"{name} {scores[i][j]:.2f}"
-            ax.text(x1, y1 - 2, text, fontsize=6, color="white", va="bottom",
-                    bbox=dict(facecolor=colour, alpha=0.8, pad=1, lw=0))
+        _draw_boxes(ax, boxes[i], labels[i], None if scores is None else scores[i])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

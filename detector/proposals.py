@@ -23,7 +23,6 @@ from tqdm import tqdm
 from detector.boxes import box_iou
 from detector.data import DatasetError
 
-_SEG = cv2.ximgproc.segmentation
 _CACHE_VERSION = 1  # bump when selective_search changes what it returns
 
 
@@ -34,6 +33,18 @@ def _seed_opencv_rand() -> None:
         ctypes.CDLL(None).srand(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def _segmentation():
+    """cv2.ximgproc.segmentation, from the contrib build. Looked up on first use, not at import: a machine with
+    plain OpenCV (a GPU box, say) can still read cached and .mat proposals."""
+    try:
+        return cv2.ximgproc.segmentation
+    except AttributeError:
+        raise DatasetError(
+            "selective search needs OpenCV's contrib build (cv2.ximgproc.segmentation), which this OpenCV "
+            f"{cv2.__version__} lacks: pip install opencv-contrib-python-headless, or bring the proposal cache "
+            f"({default_cache_dir()}) computed on a machine that has it, or pass a .mat proposal file") from None
 
 
 def _configure(ss, bgr: np.ndarray, mode: str) -> None:
@@ -51,18 +62,19 @@ def _configure(ss, bgr: np.ndarray, mode: str) -> None:
         ss.clearStrategies()
         ss.addImage(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV))
         ss.addImage(cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab))
-        ss.addGraphSegmentation(_SEG.createGraphSegmentation(0.8, 100))
-        colour = _SEG.createSelectiveSearchSegmentationStrategyColor()
-        fill = _SEG.createSelectiveSearchSegmentationStrategyFill()
-        size = _SEG.createSelectiveSearchSegmentationStrategySize()
-        ss.addStrategy(_SEG.createSelectiveSearchSegmentationStrategyMultiple(colour, fill, size))
-        ss.addStrategy(_SEG.createSelectiveSearchSegmentationStrategyMultiple(fill, size))
+        seg = _segmentation()
+        ss.addGraphSegmentation(seg.createGraphSegmentation(0.8, 100))
+        colour = seg.createSelectiveSearchSegmentationStrategyColor()
+        fill = seg.createSelectiveSearchSegmentationStrategyFill()
+        size = seg.createSelectiveSearchSegmentationStrategySize()
+        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(colour, fill, size))
+        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(fill, size))
     else:
         raise ValueError(f"selective search mode must be 'fast' or 'quality', got {mode!r}")
 
 
 def _search_bgr(bgr: np.ndarray, mode: str, max_boxes: int, min_size: int) -> np.ndarray:
-    ss = _SEG.createSelectiveSearchSegmentation()
+    ss = _segmentation().createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
     _configure(ss, bgr, mode)
     _seed_opencv_rand()
@@ -105,13 +117,15 @@ def default_cache_dir() -> str:
     return os.path.join(repo, "data", "cache", "proposals")
 
 
-def _cache_paths(records, cache_dir: str, mode: str, max_boxes: int, min_size: int) -> list[str]:
+def cache_paths(records, mode: str, max_boxes: int, min_size: int = 10, cache_dir: str | None = None) -> list[str]:
+    """The cache file of each record's proposals: <cache_dir>/<data set folder name>/<parameters>/<image id>-<sha1
+    of the image bytes>.npy. The key holds no absolute path, so a cache copied to another machine along with its
+    data set (a GPU box without selective search) is found there."""
+    cache_dir = cache_dir or default_cache_dir()
+    params = f"{mode}-max{max_boxes}-min{min_size}-v{_CACHE_VERSION}"
     paths = []
     for rec in records:
-        # The data set is the root above JPEGImages/; its absolute path tells apart two roots of one name.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(rec.path)))
-        dataset = f"{os.path.basename(root)}-{hashlib.sha1(root.encode()).hexdigest()[:8]}"
-        params = f"{mode}-max{max_boxes}-min{min_size}-v{_CACHE_VERSION}"
+        dataset = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(rec.path))))  # above JPEGImages/
         with open(rec.path, "rb") as f:
             digest = hashlib.sha1(f.read()).hexdigest()[:16]
         paths.append(os.path.join(cache_dir, dataset, params, f"{rec.image_id}-{digest}.npy"))
@@ -153,10 +167,7 @@ def compute_proposals(
         use_cache: False recomputes and writes nothing.
     Returns a list of (P_i, 4) float32 arrays.
     """
-    cache_dir = cache_dir or default_cache_dir()
-    cache = [None] * len(records)
-    if use_cache:
-        cache = _cache_paths(records, cache_dir, mode, max_boxes, min_size)
+    cache = cache_paths(records, mode, max_boxes, min_size, cache_dir) if use_cache else [None] * len(records)
     out = [_load_cached(p) if p else None for p in cache]
     todo = [(i, r.path, mode, max_boxes, min_size) for i, (r, b) in enumerate(zip(records, out)) if b is None]
     if not todo:
