@@ -13,13 +13,13 @@ those bytes at the measured device copy bandwidth.
 
     python bench/bench_roi_pool.py              # CPU always (1 thread), CUDA too when present (< 1 min)
     python bench/bench_roi_pool.py --threads=0  # CPU with torch's default thread count
+    python bench/bench_roi_pool.py --device=cuda --out=DIR   # CUDA only, results in DIR (bench/gpu_check.py)
+    python bench/bench_roi_pool.py --device=cpu --tiny       # tiny shapes, a few seconds: a smoke run
 """
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +27,10 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds bench/, kernels/
-from bench.common import QUANTILES, print_header, pyplot, save_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    QUANTILES, add_options, pick_devices, print_header, save_results, time_ms,
+)
+from detector.plots import plt  # noqa: E402
 from kernels.roi_pool import roi_pool  # noqa: E402
 
 try:
@@ -38,6 +41,10 @@ except ImportError:  # not a dependency: compared with only where it is installe
 SHAPES = {  # name: (N, C, H, W, K, image height, image width, with gradient)
     "test": (1, 512, 38, 63, 2000, 600, 1000, False),
     "train": (2, 512, 38, 50, 128, 600, 800, True),
+}
+TINY_SHAPES = {  # --tiny: the same two cases at a few channels and a 160 x 192 image (10 x 12 map)
+    "test": (1, 16, 10, 12, 40, 160, 192, False),
+    "train": (2, 16, 10, 12, 16, 160, 192, True),
 }
 SCALE, POOL = 1 / 16, 7  # VGG16 conv5 stride, pool5 size
 
@@ -60,22 +67,6 @@ def make_inputs(shape, device):
     b = torch.randint(0, n, (k, 1), generator=g).float()
     rois = torch.cat([b, corners.min(1).values, corners.max(1).values], 1)
     return x.to(device), rois.to(device)
-
-
-def time_ms(fn, device):
-    """[median, 20%, 80%] milliseconds: do_bench on CUDA, repeated wall-clock runs on CPU."""
-    if device == "cuda":
-        return triton.testing.do_bench(fn, quantiles=QUANTILES)
-    times, start = [], time.perf_counter()
-    while len(times) < 4 or (time.perf_counter() - start < 3.0 and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > 10.0:  # a slow baseline: a few samples are plenty
-            break
-    times = times[1:] if len(times) > 1 and times[0] < 1e3 else times  # drop a short warm-up run
-    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return [statistics.median(times), qs[1], qs[7]]  # deciles: qs[1] = 20%, qs[7] = 80%
 
 
 def copy_bandwidth(device):
@@ -118,12 +109,16 @@ def main() -> None:
     # torchvision's CPU kernel is a serial loop: one thread compares like with like (and on a busy 2-core
     # machine torch's 2 threads stall each other at every op); --threads=0 keeps torch's default
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    add_options(parser)
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter is for tests, not timings")
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = pick_devices(args.device, ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    # CPU runs: up to 50 within 3 s (the per-RoI baseline takes seconds a run); --tiny: a handful
+    repeats, budget_s = (5, 0.2) if args.tiny else (50, 3.0)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     tv = torchvision.__version__ if torchvision is not None else "not installed"
     title = (f"roi_pool | CPU ({torch.get_num_threads()} thread(s)) | {gpu} | torch {torch.__version__} | "
@@ -136,7 +131,7 @@ def main() -> None:
     rows = []
     for device in devices:
         bandwidth = copy_bandwidth(device)
-        for shape_name, shape in SHAPES.items():
+        for shape_name, shape in shapes.items():
             n, c, h, w, k, _, _, train = shape
             x, rois = make_inputs(shape, device)
             x.requires_grad_(train)
@@ -163,7 +158,7 @@ def main() -> None:
                 result = step().detach()
                 reference = result if reference is None else reference
                 same = (result == reference).double().mean().item()  # fraction of outputs equal to ours
-                ms, lo, hi = time_ms(step, device)
+                ms, lo, hi = time_ms(step, device, repeats, budget_s)
                 ours_ms = ours_ms or ms
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 floor = f"{ms * 1e-3 / (nbytes / bandwidth):.2f}" if bandwidth else "n/a"
@@ -174,11 +169,10 @@ def main() -> None:
                 print(f"{shape_name:>6} {device:>6} {provider:>17} {ms:10.3f} {lo:10.3f} {hi:10.3f} "
                       f"{gbps:8.2f} {floor:>8} {ms / ours_ms:8.2f} {same:9.6f}")  # fmt: skip
 
-    save_results(rows, "roi_pool", lambda rows: plot(rows, title))
+    save_results(rows, "roi_pool", lambda rows: plot(rows, title), args.out)
 
 
 def plot(rows: list[dict], title: str):
-    plt = pyplot()
     groups = sorted({(r["shape"], r["device"]) for r in rows}, key=lambda g: (g[1], g[0]))
     names = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4.5))

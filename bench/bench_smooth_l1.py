@@ -11,12 +11,11 @@ one fwd+bwd step runs (torch.profiler); on a CPU our op takes its torch path, no
 
     python bench/bench_smooth_l1.py                  # CUDA if present, else CPU (< 1 min)
     python bench/bench_smooth_l1.py --device=cpu
+    python bench/bench_smooth_l1.py --device=cpu --tiny --out=DIR   # R = 8 and 64, a few runs, results in DIR
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,11 +23,13 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds bench/, kernels/
-from bench.common import QUANTILES, print_header, pyplot, save_results  # noqa: E402
+from bench.common import add_options, pick_devices, print_header, save_results, time_ms  # noqa: E402
+from detector.plots import plt  # noqa: E402
 from kernels.smooth_l1 import smooth_l1_loss  # noqa: E402
 
 NUM_CLASSES = 21  # PASCAL VOC 20 + background; 4 box deltas per class
 ROIS = [128, 16384]  # paper §2.3: R = 128 per SGD minibatch; then a large point
+TINY_ROIS = [8, 64]  # --tiny
 
 
 def _make_batch(num_rois: int, device: str):
@@ -51,21 +52,6 @@ def torch_loss(pred, target, weight):
     return (weight * F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)).sum() / pred.shape[0]
 
 
-def _time(fn, device: str) -> list[float]:
-    """[median, 20%, 80%] milliseconds."""
-    if device == "cuda":
-        return triton.testing.do_bench(fn, quantiles=QUANTILES)
-    for _ in range(3):  # warm-up
-        fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 20 or (time.perf_counter() - start < 0.5 and len(times) < 2000):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    qs = statistics.quantiles(times, n=10)  # deciles: qs[1] = 20%, qs[7] = 80%
-    return [statistics.median(times), qs[1], qs[7]]
-
-
 def _count_launches(fn, device: str) -> str:
     if device != "cuda":
         return "n/a"
@@ -79,16 +65,18 @@ def _count_launches(fn, device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_options(parser)
     args = parser.parse_args()
-    device = args.device
+    (device,) = pick_devices(args.device, ["cuda" if torch.cuda.is_available() else "cpu"])
+    # CPU runs: a step takes 0.02-70 ms, so up to 2000 runs within 0.5 s; --tiny: a handful
+    repeats, budget_s = (5, 0.05) if args.tiny else (2000, 0.5)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name} | torch {torch.__version__} | triton {triton.__version__}")
     header = ["R x 84", "provider", "mode", "ms", "20%", "80%", "GB/s", "launches"]
     print_header(header, [12, 8, 8, 9, 9, 9, 8, 8])
 
     rows = []
-    for num_rois in ROIS:
+    for num_rois in TINY_ROIS if args.tiny else ROIS:
         pred, target, weight = _make_batch(num_rois, device)
         # same loss and gradient before timing anything
         grads = []
@@ -109,7 +97,7 @@ def main() -> None:
                 loss_fn(pred, target, weight).backward()
 
             for mode, fn, nbytes in (("fwd", forward, 3 * n * elem), ("fwd+bwd", full, 4 * n * elem)):
-                ms, lo, hi = _time(fn, device)
+                ms, lo, hi = time_ms(fn, device, repeats, budget_s)
                 launches = _count_launches(fn, device)
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 rows.append(dict(device=name, torch=torch.__version__, triton=triton.__version__,
@@ -118,11 +106,10 @@ def main() -> None:
                 print(f"{num_rois:>7} x 84 {provider:>8} {mode:>8} {ms:9.4f} {lo:9.4f} {hi:9.4f} {gbps:8.2f} "
                       f"{launches:>8}")  # fmt: skip
 
-    save_results(rows, "smooth_l1", lambda rows: _plot(rows, name))
+    save_results(rows, "smooth_l1", lambda rows: _plot(rows, name), args.out)
 
 
 def _plot(rows: list[dict], name: str):
-    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for provider in ("fused", "torch"):

@@ -1,10 +1,47 @@
-"""What the kernel benchmarks share: quantiles, the output folder, the table header, the CSV and PNG files."""
+"""What the kernel benchmarks share: options, timing, the output folder, the table header, the CSV and PNG."""
 
+import argparse
 import csv
+import statistics
 from pathlib import Path
+
+import torch
+import triton
+
+from detector.plots import plt  # the one matplotlib set-up (Agg backend): benchmarks only write files
+from detector.timing import time_runs
 
 QUANTILES = [0.5, 0.2, 0.8]  # do_bench's median and the 20-80% band the tables and plots show
 OUT = Path(__file__).resolve().parent / "out"
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --out and --tiny, the options every kernel benchmark takes (bench/gpu_check.py uses them)."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the script's default devices; cuda skips the CPU runs")
+    parser.add_argument("--out", default=str(OUT), help="folder for the CSV and PNG (default bench/out)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, few runs: seconds")
+
+
+def time_ms(fn, device: str, repeats: int = 50, budget_s: float = 1.0) -> list[float]:
+    """[median, 20%, 80%] milliseconds of fn(): triton's do_bench on CUDA (L2 flushed between runs), else
+    detector.timing.time_runs, one warm-up then up to `repeats` runs within budget_s (at least one)."""
+    if device == "cuda":
+        return triton.testing.do_bench(fn, quantiles=QUANTILES)
+    times = [t * 1e3 for t in time_runs(fn, device, repeats=repeats, warmup=1, budget_s=budget_s)]
+    if len(times) < 2:
+        return times * 3
+    qs = statistics.quantiles(times, n=10, method="inclusive")  # deciles: qs[1] = 20%, qs[7] = 80%
+    return [statistics.median(times), qs[1], qs[7]]
+
+
+def pick_devices(choice: str, auto: list[str]) -> list[str]:
+    """The devices a --device choice runs on; "auto" is the script's own default list."""
+    if choice == "auto":
+        return auto
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    return [choice]
 
 
 def print_header(names: list[str], widths: list[int]) -> None:
@@ -12,28 +49,22 @@ def print_header(names: list[str], widths: list[int]) -> None:
     print(" ".join(f"{h:>{w}}" for h, w in zip(names, widths, strict=True)))
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (benchmarks write PNGs; no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_results(rows: list[dict], stem: str, figure) -> None:
-    """Write bench/out/<stem>.csv (one line per row dict) and <stem>.png, the Figure that figure(rows) draws.
+def save_results(rows: list[dict], stem: str, figure, out: str | Path = OUT) -> None:
+    """Write <out>/<stem>.csv (one line per row dict) and <stem>.png, the Figure that figure(rows) draws.
 
     Args:
         rows: dicts with the same keys, the CSV columns.
         stem: file name without extension, the op's name ("roi_pool").
         figure: rows -> matplotlib Figure.
+        out: the folder, created if needed (default bench/out).
     """
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / f"{stem}.csv", "w", newline="") as f:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    figure(rows).savefig(OUT / f"{stem}.png", dpi=120)
-    print(f"wrote {OUT / f'{stem}.csv'} and {OUT / f'{stem}.png'}")
+    fig = figure(rows)
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.png'}")

@@ -17,7 +17,6 @@ against it, and the peak memory of each method (resident set size on a CPU, max_
 """
 
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable

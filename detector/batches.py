@@ -1,9 +1,14 @@
 """Training minibatches: N images per SGD step, R/N RoIs from each (paper §2.3 hierarchical sampling), loaded,
 flipped, scaled and normalised; roi_sampling.py picks the RoIs (FR's minibatch.py does both).
 
-Owns the order in which images are visited and every random choice (scale, flip, RoI sample), all drawn from one
-numpy Generator whose state is checkpointed, so a resumed run sees exactly the minibatches an uninterrupted one would.
+Owns the order in which images are visited and every random choice (scale, flip, RoI sample), drawn from numpy
+Generators whose states are checkpointed, so a resumed run sees exactly the minibatches an uninterrupted one would.
 FR walks a shuffled permutation of the images and reshuffles when it runs out (roi_data_layer/layer.py).
+
+Under data parallelism (K processes) every process draws the same permutation each epoch (a generator seeded alike
+on all of them) and walks its own share of it, positions rank, rank + K, ... (as torch's DistributedSampler), so
+the processes never train on the same image in the same epoch; flips, scales and RoIs come from a generator of
+the process's own. With one process a single generator does both, as FR's.
 """
 
 from dataclasses import dataclass
@@ -28,19 +33,31 @@ class Minibatch:
 
 class BatchLoader:
     def __init__(self, records, proposals, cfg, num_classes: int, means: np.ndarray, stds: np.ndarray,
-                 normalize, seed: int):
+                 normalize, seed: int, rank: int = 0, world: int = 1):
+        """seed: the run's seed (cfg.seed); rank / world: this process's place among `world` data-parallel ones."""
+        if len(records) < world * cfg.ims_per_batch:
+            raise ValueError(f"{len(records)} training images cannot fill {world} x {cfg.ims_per_batch} images per "
+                             "step: use fewer processes or fewer --ims-per-batch")
         self.records, self.proposals, self.cfg = records, proposals, cfg
         self.num_classes = num_classes
         self.means, self.stds = torch.as_tensor(means).float(), torch.as_tensor(stds).float()
         self.normalize = normalize  # the backbone's input normalisation, applied before zero-padding (FR blob.py)
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(records))
+        self.rank, self.world = rank, world
+        self.rng = np.random.default_rng(seed + rank)  # this process's flips, scales and RoI samples
+        self.order_rng = np.random.default_rng(seed) if world > 1 else self.rng  # alike on every process
+        self.order = self._share()
         self.cursor = 0
+
+    def _share(self) -> np.ndarray:
+        """This process's part of a new epoch's permutation; every share has the same length (the remainder of
+        len(records) / world is left out this epoch, so that all processes start the next one together)."""
+        order = self.order_rng.permutation(len(self.records))
+        return order[: len(order) - len(order) % self.world][self.rank::self.world]
 
     def _next_images(self) -> list[int]:
         n = self.cfg.ims_per_batch
         if self.cursor + n > len(self.order):
-            self.order = self.rng.permutation(len(self.records))
+            self.order = self._share()
             self.cursor = 0
         picked = self.order[self.cursor:self.cursor + n]
         self.cursor += n
@@ -73,9 +90,11 @@ class BatchLoader:
                          torch.cat(weights))
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "cursor": self.cursor}
+        return {"rng": self.rng.bit_generator.state, "order_rng": self.order_rng.bit_generator.state,
+                "order": self.order.tolist(), "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+        self.order_rng.bit_generator.state = state["order_rng"]
         self.order = np.asarray(state["order"], dtype=np.int64)
         self.cursor = int(state["cursor"])

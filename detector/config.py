@@ -10,6 +10,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 
+from detector.errors import InputError
+
+
+class UsageError(InputError):
+    """A command-line value that is malformed or out of range: the entry points exit with status 2 for it."""
+
 
 def option(default, help: str, **kw):
     """A dataclass field with its help text (and, for tuples, the element type as kind=...): what
@@ -28,6 +34,8 @@ class Config:
     seed: int = option(3, "random seed; FR config.py RNG_SEED = 3")
     resume: str = option("", "checkpoint to continue from exactly (model, optimizer, schedule, sampler RNG)")
     evaluate: bool = option(True, "evaluate the test split after training")
+    ddp_timeout: float = option(240.0, "minutes a data-parallel process waits for the others in one step; covers "
+                                "the others waiting while process 0 computes the proposals")
     # --- data ---
     data: str = option("", "VOC-format root (Annotations/, JPEGImages/, ImageSets/Main/); empty: the built-in data set")
     classes: str = option("", "comma-separated class names; empty: VOC's 20 for VOC data, else inferred from training")
@@ -159,22 +167,80 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, base: dict | None = None) -> Config:
     """Defaults, then the preset (or `base`, a saved configuration), then whatever the command line set."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
-    if base is not None:
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items()})
+    if base is not None:  # fields this version does not know are left out; new fields keep their defaults
+        known = {f.name for f in fields(Config)}
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items() if k in known})
     else:
         preset = given.get("preset", Config.preset)
         if preset not in PRESETS:
-            raise SystemExit(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise UsageError(f"--preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
         cfg = Config(preset=preset, **PRESETS[preset])
     specs = {f.name: f for f in fields(Config)}
     for key, text in given.items():
         try:
             setattr(cfg, key, parse_value(specs[key], text))
         except ValueError as e:
-            raise SystemExit(f"bad value for --{key.replace('_', '-')}: {text!r} ({e})")
+            raise UsageError(f"--{key.replace('_', '-')} {text!r}: {e}") from None
     if not cfg.out:
         cfg.out = f"runs/{cfg.preset}"
+    check_values(cfg)
     return cfg
+
+
+# (field, test, what it must be): the ranges a run needs, checked before anything starts
+_RANGES = [
+    ("iters", lambda v: v >= 1, "at least 1"),
+    ("ddp_timeout", lambda v: v > 0, "positive"),
+    ("lr", lambda v: v > 0, "positive"),
+    ("gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("bias_lr_mult", lambda v: v >= 0, "0 or more"),
+    ("warmup_iters", lambda v: v >= 0, "0 or more"),
+    ("log_every", lambda v: v >= 1, "at least 1"),
+    ("checkpoint_every", lambda v: v >= 1, "at least 1"),
+    ("ims_per_batch", lambda v: v >= 1, "at least 1"),
+    ("rois_per_batch", lambda v: v >= 1, "at least 1"),
+    ("fg_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("fg_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("bg_thresh_hi", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("bg_thresh_lo", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("bbox_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("loss_box_weight", lambda v: v >= 0, "0 or more"),
+    ("scales", lambda v: len(v) > 0 and min(v) > 0, "one or more positive sizes"),
+    ("max_size", lambda v: v > 0, "positive"),
+    ("test_scales", lambda v: len(v) > 0 and min(v) > 0, "one or more positive sizes"),
+    ("test_max_size", lambda v: v > 0, "positive"),
+    ("lr_steps", lambda v: all(s >= 0 for s in v), "iterations (0 or more)"),
+    ("max_proposals", lambda v: v >= 1, "at least 1"),
+    ("workers", lambda v: v >= 0, "0 (one per core) or more"),
+    ("fc_dim", lambda v: v >= 0, "0 (the default) or more"),
+    ("nms", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("score_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("max_per_class", lambda v: v >= 1, "at least 1"),
+    ("max_per_image", lambda v: v >= 0, "0 (no cap) or more"),
+    ("svd_fc6", lambda v: v >= 1, "at least 1"),
+    ("svd_fc7", lambda v: v >= 1, "at least 1"),
+]
+
+
+def check_values(cfg: Config) -> None:
+    """Raise UsageError naming the first field whose value a run cannot use."""
+    for name, ok, what in _RANGES:
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be {what}")
+    if cfg.bg_thresh_lo > cfg.bg_thresh_hi:
+        raise UsageError(f"--bg-thresh-lo {cfg.bg_thresh_lo} is above --bg-thresh-hi {cfg.bg_thresh_hi}")
+    if cfg.rois_per_batch < cfg.ims_per_batch:
+        raise UsageError(f"--rois-per-batch {cfg.rois_per_batch} is less than one RoI per image "
+                         f"(--ims-per-batch {cfg.ims_per_batch})")
+    if cfg.eval_metric not in ("voc07", "area"):
+        raise UsageError(f"--eval-metric {cfg.eval_metric!r}: must be voc07 or area")
+    for name in ("train_proposals", "test_proposals"):
+        value = getattr(cfg, name)
+        if value not in ("fast", "quality") and not value.endswith(".mat"):
+            raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be fast, quality or a .mat file")
 
 
 def resolve_device(name: str):
@@ -186,6 +252,15 @@ def resolve_device(name: str):
     torch.set_flush_denormal(True)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: must be auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: must be auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

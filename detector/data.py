@@ -145,7 +145,7 @@ def _xml_size(root_el: ET.Element) -> tuple[int, int] | None:
     return (h, w) if h > 0 and w > 0 else None
 
 
-def _read_record(root: str, image_id: str, class_index: dict, warn) -> ImageRecord:
+def _read_record(root: str, image_id: str, class_index: dict, warn, clean: bool) -> ImageRecord:
     xml = os.path.join(root, "Annotations", f"{image_id}.xml")
     ann = _parse_xml(xml)
     path = _find_image(root, image_id)
@@ -167,6 +167,12 @@ def _read_record(root: str, image_id: str, class_index: dict, warn) -> ImageReco
             box = [float(obj.findtext(f"bndbox/{t}")) - 1 for t in ("xmin", "ymin", "xmax", "ymax")]
         except (TypeError, ValueError):
             raise DatasetError(f"{xml}: object {k} ({name}) has a missing or non-numeric bndbox") from None
+        difficult_text = (obj.findtext("difficult") or "0").strip()
+        if not clean:  # evaluation: the ground truth as the devkit reads it, nothing repaired
+            boxes.append(box)
+            labels.append(class_index[name])
+            difficult.append(difficult_text not in ("0", ""))
+            continue
         limits = (width - 1, height - 1, width - 1, height - 1)
         clipped = [min(max(v, 0), hi) for v, hi in zip(box, limits)]
         where = f"{xml}: object {k} ({name}) box {_one_based(box)}"
@@ -177,7 +183,6 @@ def _read_record(root: str, image_id: str, class_index: dict, warn) -> ImageReco
             continue
         if clipped != box:
             warn(f"{where} lies outside the {width}x{height} image; clipped")
-        difficult_text = (obj.findtext("difficult") or "0").strip()
         boxes.append(clipped)
         labels.append(class_index[name])
         difficult.append(difficult_text not in ("0", ""))
@@ -190,7 +195,7 @@ def _one_based(box: list[float]) -> str:
 
 
 def load_voc(
-    root: str, split: str, classes: list[str] | None = None, log=print
+    root: str, split: str, classes: list[str] | None = None, log=print, clean: bool = True
 ) -> tuple[list[ImageRecord], list[str]]:
     """Read and validate one split of a VOC-format root.
 
@@ -200,6 +205,8 @@ def load_voc(
         classes: the class list; label k is classes[k - 1]. Pass the list resolved on the training split
             (resolve_classes) when loading a test split; None resolves it on this split.
         log: where warnings and the one-line summary go.
+        clean: repair for training (boxes clipped to the image, degenerate ones dropped, each named); False
+            keeps the boxes as written, the ground truth the VOC devkit scores against (evaluation).
     Returns (records in ImageSets order, classes). Raises DatasetError on a fatal problem.
     """
     ids = read_split_ids(root, split)
@@ -207,7 +214,7 @@ def load_voc(
         classes = resolve_classes(root, split, log=log)
     class_index = {name: k + 1 for k, name in enumerate(classes)}
     warnings: list[str] = []
-    records = [_read_record(root, image_id, class_index, warnings.append) for image_id in ids]
+    records = [_read_record(root, image_id, class_index, warnings.append, clean) for image_id in ids]
     for w in warnings[:_MAX_WARNINGS]:
         log(f"warning: {w}")
     if len(warnings) > _MAX_WARNINGS:

@@ -91,7 +91,12 @@ class FastRCNN(nn.Module):
         return self.loss(scores, deltas, targets)
 
     def loss(self, scores: Tensor, deltas: Tensor, targets: dict) -> dict:
-        num_rois = max(scores.shape[0], 1)
+        if scores.shape[0] == 0:
+            # No RoI in the minibatch (images without proposals and objects): a zero loss that still reaches every
+            # parameter, so the step runs (with zero gradients) on every process; cross_entropy's mean would be NaN.
+            zero = scores.sum() * 0 + deltas.sum() * 0
+            return {"loss_cls": zero, "loss_box": zero}
+        num_rois = scores.shape[0]
         loss_cls = F.cross_entropy(scores, targets["labels"])  # mean over the R RoIs (SoftmaxWithLoss, normalize)
         # Caffe's SmoothL1Loss: sum over all RoIs and coordinates, divided by R (not by the foreground count);
         # the 0/1 weights switch off background RoIs and the other classes' columns (Eq. 2-3, sigma = 1).

@@ -1,4 +1,5 @@
-"""Object proposals: selective search through OpenCV (cached on disk), the original .mat files, their recall.
+"""Object proposals: selective search through OpenCV (cached on disk), dense sliding windows (paper §5.5), the
+original .mat files, their recall.
 
 Fast R-CNN consumes ~2000 class-agnostic boxes per image (paper §2, "R is typically around 2000"). Boxes are
 0-based (x1, y1, x2, y2) float32, x2/y2 inclusive, like the ground truth in detector.data.
@@ -6,6 +7,15 @@ Fast R-CNN consumes ~2000 class-agnostic boxes per image (paper §2, "R is typic
 Caching (FR's stale data/cache pickles were its most common pitfall): one .npy per image under
 <cache_dir>/<data set>/<mode and parameters>/<image id>-<hash of the image bytes>.npy, so editing an image or
 changing the mode or a parameter can only miss the cache, never return stale boxes.
+
+Working scale: selective search's cost grows with the pixels it segments, but the network only sees the image
+at its training/test scale. Given that scale (shorter side, cap on the longer side, as
+detector.data.image_scale), a larger image is shrunk to it before segmentation and the boxes are scaled back,
+so the cost follows the network's input size, not the file's. It never enlarges an image (that adds no detail
+to segment), and the working size is part of the cache key of exactly the images it shrinks.
+
+Records may be tiles (detector.tiling.TileRecord): selective search then runs on the tile's window of the
+image.
 """
 
 import ctypes
@@ -18,12 +28,21 @@ import time
 import cv2
 import numpy as np
 import scipy.io
+from PIL import Image
 from tqdm import tqdm
 
 from detector.boxes import box_iou
-from detector.data import DatasetError
+from detector.data import DatasetError, image_scale
 
 _CACHE_VERSION = 1  # bump when selective_search changes what it returns
+# The dense grid (paper §5.5), laid out in the pixels the network sees; see dense_boxes. Its density: 2 sides
+# per octave from one feature cell (16 px) up, 3 aspect ratios, windows every half side. At the paper's scale
+# (600 x 1000) that is ~53k boxes, the order of the paper's dense set (Fig. 3: "45k dense boxes"); 14k at the
+# demo's 320 x 533, 22k on a 512-px tile.
+DENSE_MIN_SIZE = 16
+DENSE_SCALE_STEP = 2 ** 0.5
+DENSE_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+DENSE_STRIDE = 0.5
 
 
 def _seed_opencv_rand() -> None:
@@ -86,30 +105,155 @@ def _search_bgr(bgr: np.ndarray, mode: str, max_boxes: int, min_size: int) -> np
     boxes = np.stack([x, y, x + w - 1, y + h - 1], 1)  # inclusive x2, y2
     # Drop duplicates but keep the ranking: np.unique sorts, so reorder by first occurrence.
     _, first = np.unique(boxes, axis=0, return_index=True)
-    return boxes[np.sort(first)][:max_boxes].astype(np.float32)
+    boxes = boxes[np.sort(first)]
+    return (boxes[:max_boxes] if max_boxes > 0 else boxes).astype(np.float32)
+
+
+def _working_factors(height: int, width: int, scale: int, max_size: int) -> tuple[float, float] | None:
+    """(fx, fy) that shrink a height x width image to the working scale (image_scale), or None to keep it."""
+    if scale <= 0:
+        return None
+    f = image_scale(height, width, scale, max_size if max_size > 0 else 1 << 30)
+    if f >= 1:
+        return None  # never enlarged: no detail to gain, only time to lose
+    # The factors cv2.resize realises: its output size is rounded, so each axis has its own exact factor.
+    out_w, out_h = max(int(round(width * f)), 1), max(int(round(height * f)), 1)
+    return out_w / width, out_h / height
+
+
+def _scale_back(boxes: np.ndarray, fx: float, fy: float, height: int, width: int) -> np.ndarray:
+    """Working-scale boxes -> boxes in the full image: the pixels a working pixel stands for, so x1 maps to
+    the first full-resolution column of its pixel (floor) and x2 to the last (ceil of its right edge, minus
+    1); integral and clipped. For factors below 1 the map is one-to-one, so no duplicates appear."""
+    b = boxes.astype(np.float64)
+    eps = 1e-6  # x / fx that should be integral can land just below it in floating point
+    out = np.stack([np.floor(b[:, 0] / fx + eps), np.floor(b[:, 1] / fy + eps),
+                    np.ceil((b[:, 2] + 1) / fx - eps) - 1, np.ceil((b[:, 3] + 1) / fy - eps) - 1], 1)
+    out[:, 0::2] = out[:, 0::2].clip(0, width - 1)
+    out[:, 1::2] = out[:, 1::2].clip(0, height - 1)
+    return out.astype(np.float32)
+
+
+def _search_working(bgr: np.ndarray, mode: str, max_boxes: int, min_size: int, scale: int, max_size: int
+                    ) -> np.ndarray:
+    """_search_bgr on the image shrunk to the working scale, boxes scaled back (see the module docstring)."""
+    height, width = bgr.shape[:2]
+    factors = _working_factors(height, width, scale, max_size)
+    if factors is None:
+        return _search_bgr(bgr, mode, max_boxes, min_size)
+    fx, fy = factors
+    small = cv2.resize(bgr, (int(round(width * fx)), int(round(height * fy))), interpolation=cv2.INTER_AREA)
+    return _scale_back(_search_bgr(small, mode, max_boxes, min_size), fx, fy, height, width)
 
 
 def selective_search(
-    img: np.ndarray, mode: str = "fast", max_boxes: int = 2000, min_size: int = 10
+    img: np.ndarray, mode: str = "fast", max_boxes: int = 2000, min_size: int = 10, scale: int = 0,
+    max_size: int = 0,
 ) -> np.ndarray:
     """Selective-search boxes for one image.
 
     Args:
         img: (H, W, 3) uint8 RGB.
         mode: "fast" or "quality" (the paper's setting, ~10x slower).
-        max_boxes: keep the best-ranked this many.
-        min_size: drop boxes narrower or shorter than this many pixels.
-    Returns (P, 4) float32 0-based x1, y1, x2, y2.
+        max_boxes: keep the best-ranked this many (<= 0: all).
+        min_size: drop boxes narrower or shorter than this many pixels (of the working scale, when shrunk).
+        scale, max_size: the working scale (detector.data.image_scale: shorter side to `scale`, longer side at
+            most `max_size`, 0 = no cap); a larger image is shrunk to it before the search (area
+            interpolation) and the boxes mapped back. scale 0: the image as it is.
+    Returns (P, 4) float32 0-based x1, y1, x2, y2 in the pixels of `img`.
     """
-    return _search_bgr(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), mode, max_boxes, min_size)
+    return _search_working(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), mode, max_boxes, min_size, scale, max_size)
+
+
+def dense_boxes(height: int, width: int, min_size: float = DENSE_MIN_SIZE,
+                scale_step: float = DENSE_SCALE_STEP, aspect_ratios=DENSE_ASPECT_RATIOS,
+                stride: float = DENSE_STRIDE) -> np.ndarray:
+    """Every sliding window of the dense grid over a height x width image (paper §5.5's "dense boxes").
+
+    The density: square sides min_size * scale_step**k up to the shorter image side; for each, boxes of the
+    same area with aspect ratios (height / width) `aspect_ratios`; each slid over the image in steps of
+    `stride` times its own width (height) horizontally (vertically), the last one flush with the border.
+    Order: by side, then aspect ratio, then row, then column. Boxes are integral and inside the image.
+
+    Args:
+        height, width: image size in pixels.
+        min_size: smallest square side (default 16 px: one cell of the stride-16 feature map).
+        scale_step: ratio between consecutive sides (default sqrt(2): two sides per octave).
+        aspect_ratios: height / width ratios (default 1/2, 1, 2).
+        stride: step between neighbouring windows as a fraction of their side (default 1/2).
+    Returns (P, 4) float32.
+    """
+    out = []
+    shorter = min(height, width)
+    side = float(min_size)
+    while side <= shorter + 1e-6:
+        for ratio in aspect_ratios:
+            bw = min(int(round(side / np.sqrt(ratio))), width)
+            bh = min(int(round(side * np.sqrt(ratio))), height)
+            xs = _window_starts(width, bw, max(int(round(stride * bw)), 1))
+            ys = _window_starts(height, bh, max(int(round(stride * bh)), 1))
+            x1, y1 = np.meshgrid(xs, ys)  # (rows, cols)
+            x1, y1 = x1.ravel(), y1.ravel()
+            out.append(np.stack([x1, y1, x1 + bw - 1, y1 + bh - 1], 1))
+        side *= scale_step
+    if not out:  # an image smaller than min_size: the whole image
+        return np.array([[0, 0, width - 1, height - 1]], np.float32)
+    boxes = np.concatenate(out).astype(np.float32)
+    # Clamped windows (an aspect ratio wider than the image) repeat; keep the first of each.
+    _, first = np.unique(boxes, axis=0, return_index=True)
+    return boxes[np.sort(first)]
+
+
+def _window_starts(length: int, size: int, step: int) -> np.ndarray:
+    if length <= size:
+        return np.zeros(1, np.int64)
+    starts = np.arange(0, length - size, step)
+    return np.append(starts, length - size)  # the last window flush with the border
+
+
+def dense_proposals(height: int, width: int, max_boxes: int = 2000, scale: int = 0, max_size: int = 0
+                    ) -> np.ndarray:
+    """The dense proposals of one image: dense_boxes at the working scale, mapped back, capped at max_boxes.
+
+    The grid is laid out in the pixels the network sees (scale, max_size as selective_search; 0: the image's
+    own), so its smallest boxes are one feature cell whatever the file's resolution. Over max_boxes, a random
+    subset is kept, the same for every image of the same size (numpy seed 0), in dense_boxes' order: the
+    paper's §5.5 samples its dense boxes at random too (Fig. 3, "SS 2k plus random dense boxes"), and a random
+    subset thins every scale evenly, where any order would drop whole scales. max_boxes <= 0 keeps them all.
+    """
+    factors = _working_factors(height, width, scale, max_size)
+    if factors is None:
+        boxes = dense_boxes(height, width)
+    else:
+        fx, fy = factors
+        boxes = dense_boxes(int(round(height * fy)), int(round(width * fx)))
+        boxes = _scale_back(boxes, fx, fy, height, width)
+        _, first = np.unique(boxes, axis=0, return_index=True)
+        boxes = boxes[np.sort(first)]
+    if 0 < max_boxes < len(boxes):
+        keep = np.sort(np.random.default_rng(0).choice(len(boxes), max_boxes, replace=False))
+        boxes = boxes[keep]
+    return boxes
+
+
+def _record_size(rec) -> tuple[int, int]:
+    """(height, width) of what a record stands for: its fields, else the image file's header (eval.py --images
+    passes records with a path and an id only)."""
+    if getattr(rec, "height", None) and getattr(rec, "width", None):
+        return int(rec.height), int(rec.width)
+    with Image.open(rec.path) as im:
+        return im.size[1], im.size[0]
 
 
 def _worker(job: tuple) -> tuple[int, np.ndarray]:
-    index, path, mode, max_boxes, min_size = job
+    index, path, window, mode, max_boxes, min_size, scale, max_size = job
     bgr = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise DatasetError(f"{path}: unreadable or corrupt image")
-    return index, _search_bgr(bgr, mode, max_boxes, min_size)
+    if window is not None:  # a tile (detector.tiling.Window: x, y, width, height)
+        x, y, w, h = window
+        bgr = np.ascontiguousarray(bgr[y:y + h, x:x + w])
+    return index, _search_working(bgr, mode, max_boxes, min_size, scale, max_size)
 
 
 def default_cache_dir() -> str:
@@ -117,10 +261,13 @@ def default_cache_dir() -> str:
     return os.path.join(repo, "data", "cache", "proposals")
 
 
-def cache_paths(records, mode: str, max_boxes: int, min_size: int = 10, cache_dir: str | None = None) -> list[str]:
+def cache_paths(records, mode: str, max_boxes: int, min_size: int = 10, cache_dir: str | None = None,
+                scale: int = 0, max_size: int = 0) -> list[str]:
     """The cache file of each record's proposals: <cache_dir>/<data set folder name>/<parameters>/<image id>-<sha1
     of the image bytes>.npy. The key holds no absolute path, so a cache copied to another machine along with its
-    data set (a GPU box without selective search) is found there."""
+    data set (a GPU box without selective search) is found there. The working scale (scale, max_size) joins the
+    parameters of the images it shrinks only: the others' boxes are the same as without it. A tile's image id
+    names its window (detector.tiling.tile_records)."""
     cache_dir = cache_dir or default_cache_dir()
     params = f"{mode}-max{max_boxes}-min{min_size}-v{_CACHE_VERSION}"
     paths = []
@@ -128,7 +275,9 @@ def cache_paths(records, mode: str, max_boxes: int, min_size: int = 10, cache_di
         dataset = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(rec.path))))  # above JPEGImages/
         with open(rec.path, "rb") as f:
             digest = hashlib.sha1(f.read()).hexdigest()[:16]
-        paths.append(os.path.join(cache_dir, dataset, params, f"{rec.image_id}-{digest}.npy"))
+        shrunk = scale > 0 and _working_factors(*_record_size(rec), scale, max_size) is not None
+        key = f"{params}-at{scale}-{max_size}" if shrunk else params
+        paths.append(os.path.join(cache_dir, dataset, key, f"{rec.image_id}-{digest}.npy"))
     return paths
 
 
@@ -155,23 +304,33 @@ def compute_proposals(
     progress: bool = True,
     min_size: int = 10,
     use_cache: bool = True,
+    scale: int = 0,
+    max_size: int = 0,
+    stats: dict | None = None,
 ) -> list[np.ndarray]:
     """Selective search over a split, in parallel, cached on disk; aligned with records.
 
     Args:
-        records: ImageRecords (path and image_id are used).
-        mode, max_boxes, min_size: as selective_search; each combination has its own cache.
+        records: ImageRecords or TileRecords (path, image_id, and a tile's window are used).
+        mode, max_boxes, min_size, scale, max_size: as selective_search; each combination has its own cache.
         cache_dir: cache root (default <repo>/data/cache/proposals); per data set and mode below it.
         workers: processes (default: one per core); 1 runs in this process. Off Linux, processes are spawned:
             call from under `if __name__ == "__main__":`.
         use_cache: False recomputes and writes nothing.
+        stats: if given, receives "computed" (images searched, not read from the cache) and "seconds" (the time
+            spent searching them, wall clock).
     Returns a list of (P_i, 4) float32 arrays.
     """
-    cache = cache_paths(records, mode, max_boxes, min_size, cache_dir) if use_cache else [None] * len(records)
+    cache = (cache_paths(records, mode, max_boxes, min_size, cache_dir, scale, max_size) if use_cache
+             else [None] * len(records))
     out = [_load_cached(p) if p else None for p in cache]
-    todo = [(i, r.path, mode, max_boxes, min_size) for i, (r, b) in enumerate(zip(records, out)) if b is None]
+    todo = [(i, r.path, getattr(r, "window", None), mode, max_boxes, min_size, scale, max_size)
+            for i, (r, b) in enumerate(zip(records, out)) if b is None]
+    if stats is not None:
+        stats.update(computed=len(todo), seconds=0.0)
     if not todo:
         return out
+    t0 = time.time()
     workers = min(workers or os.cpu_count() or 1, len(todo))
     bar = tqdm(total=len(todo), desc=f"selective search ({mode})", disable=not progress, unit="img")
     # fork on Linux: workers start at once and share the parent's imports. (Never call cv2.setNumThreads in a
@@ -190,6 +349,8 @@ def compute_proposals(
         bar.close()
         if pool:
             pool.terminate()
+    if stats is not None:
+        stats["seconds"] = time.time() - t0
     return out
 
 
@@ -227,19 +388,44 @@ def load_mat_proposals(path: str, records) -> list[np.ndarray]:
 
 
 def proposals_for_split(records, source: str, max_boxes: int, workers: int = 0, split: str = "",
-                        log=print) -> list[np.ndarray]:
-    """The proposals of one split, aligned with records: selective search ("fast" / "quality", cached) or the
-    boxes of a .mat file; logs the time and the recall of the ground truth (proposal_recall)."""
+                        log=print, scale: int = 0, max_size: int = 0, cache_dir: str | None = None
+                        ) -> list[np.ndarray]:
+    """The proposals of one split, aligned with records: selective search ("fast" / "quality", cached), dense
+    sliding windows ("dense", paper §5.5; cheap, not cached) or the boxes of a .mat file; logs the time per
+    image and the recall of the ground truth (proposal_recall).
+
+    Args:
+        records: ImageRecords, or TileRecords (detector.tiling) to search each tile.
+        source: "fast", "quality", "dense" or a .mat path.
+        max_boxes: proposals kept per image (--max-proposals).
+        workers: selective-search processes (0: one per core).
+        scale, max_size: the working scale for selective search and the dense grid (selective_search); pass
+            the largest training (or the test) scale and its max size; 0: the images as they are.
+        cache_dir: the selective-search cache root (default <repo>/data/cache/proposals).
+    """
     t0 = time.time()
     if source.endswith(".mat"):
         boxes = load_mat_proposals(source, records)
     elif source in ("fast", "quality"):
-        boxes = compute_proposals(records, mode=source, max_boxes=max_boxes, workers=workers or None)
+        searched: dict = {}
+        boxes = compute_proposals(records, mode=source, max_boxes=max_boxes, workers=workers or None,
+                                  scale=scale, max_size=max_size, stats=searched, cache_dir=cache_dir)
+    elif source == "dense":
+        boxes = [dense_proposals(*_record_size(r), max_boxes, scale, max_size) for r in records]
     else:
-        raise DatasetError(f"proposals must be 'fast', 'quality' or a .mat file, got {source!r}")
+        raise DatasetError(f"proposals must be 'fast', 'quality', 'dense' or a .mat file, got {source!r}")
+    seconds = time.time() - t0
+    # Time per image: of the images searched (with `workers` processes, wall clock), not of cache reads.
+    per_image = f"{seconds / max(len(records), 1):.2f} s/image"
+    if source in ("fast", "quality"):
+        n = searched["computed"]
+        per_image = (f"{searched['seconds'] / n:.2f} s/image searched, {len(records) - n} from the cache" if n
+                     else "all from the cache")
     recall = proposal_recall(boxes, records)
-    log(f"{split}: {len(records)} images, {sum(len(r.boxes) for r in records)} objects, proposals ({source}) "
-        f"{time.time() - t0:.1f}s, " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if isinstance(v, float)))
+    at = f" at scale {scale}/{max_size}" if scale > 0 and not source.endswith(".mat") else ""
+    log(f"{split}: {len(records)} images, {sum(len(r.boxes) for r in records)} objects, "
+        f"proposals ({source}{at}) {seconds:.1f}s ({per_image}), "
+        + ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if isinstance(v, float)))
     return boxes
 
 

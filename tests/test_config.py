@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from detector.config import PRESETS, Config, build_parser, resolve
+from detector.config import PRESETS, Config, UsageError, build_parser, resolve
 from train import lr_at
 
 
@@ -27,11 +27,21 @@ def test_overrides_win_over_presets():
     assert cfg.out == "runs/demo"
 
 
-def test_bad_values_are_named():
-    with pytest.raises(SystemExit, match="--iters"):
-        parse("--iters", "many")
-    with pytest.raises(SystemExit, match="unknown preset"):
-        parse("--preset", "nope")
+@pytest.mark.parametrize("args, message", [
+    (("--iters", "many"), "--iters 'many': invalid literal"),
+    (("--preset", "nope"), "--preset 'nope' is unknown"),
+    (("--iters", "0"), "--iters 0: must be at least 1"),
+    (("--lr", "-0.1"), "--lr -0.1: must be positive"),
+    (("--fg-fraction", "2"), "--fg-fraction 2.0: must be in [0, 1]"),
+    (("--scales", "0,600"), "--scales (0, 600): must be one or more positive sizes"),
+    (("--use-flipped", "maybe"), "--use-flipped 'maybe': expected true or false"),
+    (("--bg-thresh-lo", "0.6"), "--bg-thresh-lo 0.6 is above --bg-thresh-hi 0.5"),
+    (("--train-proposals", "boxes.npy"), "--train-proposals 'boxes.npy': must be fast, quality or a .mat file"),
+])
+def test_bad_values_are_named(args, message):
+    with pytest.raises(UsageError) as err:
+        parse(*args)
+    assert message in str(err.value)
 
 
 def test_resume_base_config():
