@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import cv2
 import torch
-from tqdm import tqdm
 
 from detector.checkpoint import model_from_checkpoint, read_checkpoint
 from detector.config import build_parser, resolve, resolve_device
@@ -32,6 +31,7 @@ from detector.detect import Detector
 from detector.errors import InputError
 from detector.evaluate import evaluate_split
 from detector.plots import draw_detections
+from detector.progress import progress
 from detector.proposals import compute_proposals, proposals_for_split
 from detector.svd import svd_compress
 
@@ -71,7 +71,7 @@ def detect_images(detector: Detector, paths: list[str], out_dir: str, min_score:
     boxes = compute_proposals(pseudo, mode=detector.proposal_mode, max_boxes=detector.cfg.max_proposals)
     detector.seconds["proposals"] += time.perf_counter() - start
     entries, stems = [], set()
-    for path, proposals in zip(tqdm(readable, desc="detect", unit="img"), boxes):
+    for path, proposals in zip(progress(readable, desc="detect", unit="img"), boxes):
         image = read_image(path)
         found = detector(image, proposals, min_score=min_score)
         entries.append({"image": path, "width": image.shape[1], "height": image.shape[0], "detections": [

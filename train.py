@@ -30,6 +30,7 @@ from detector.errors import InputError
 from detector.evaluate import evaluate_split
 from detector.model import build_model, param_groups
 from detector.plots import plot_loss_curve
+from detector.progress import peak_memory_mb
 from detector.proposals import proposals_for_split
 from detector.roi_sampling import regression_stats
 from detector.weights import default_weights
@@ -262,7 +263,8 @@ def finish(cfg, run: Run) -> int:
     metrics = evaluate_split(run.model, test_records, test_props, run.classes, cfg, cfg.out, cfg.test_split, log)
     phases["evaluation"] = time.time() - t_eval
     log("phases: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) +
-        f" | {phases['training'] * 1000 / max(run.iters_run, 1):.0f} ms/iteration")
+        f" | {phases['training'] * 1000 / max(run.iters_run, 1):.0f} ms/iteration | peak memory "
+        f"{peak_memory_mb(run.model.bbox_means.device):.0f} MB")
     log(f"mAP {metrics['mAP']:.4f} | outputs in {cfg.out}/ (final.pt, metrics.json, results/, loss.png)")
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from detector.progress import progress as progress_bar
 
 from detector.boxes import clip_boxes, decode_boxes, nms
 from detector.checkpoint import model_from_checkpoint, read_checkpoint
@@ -104,7 +104,7 @@ def detect_dataset(model, records, proposals, cfg, progress: bool = True, timer:
     """
     model.eval()
     all_dets = [[None] * len(records) for _ in range(model.num_classes + 1)]
-    for i, rec in enumerate(tqdm(records, desc="detect", disable=not progress, leave=False)):
+    for i, rec in enumerate(progress_bar(records, desc="detect", disable=not progress, leave=False)):
         img = read_image(rec.path)
         scores, boxes = im_detect(model, img, np.asarray(proposals[i], np.float32), cfg.test_scales,
                                   cfg.test_max_size, timer)

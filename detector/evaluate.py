@@ -10,6 +10,7 @@ import numpy as np
 from detector.data import read_image
 from detector.detect import detect_dataset
 from detector.plots import draw_boxes_sheet, plot_pr_curves
+from detector.progress import peak_memory_mb
 from detector.timing import StageTimer
 from detector.voc_eval import evaluate, format_ap_table, write_comp4
 
@@ -40,6 +41,7 @@ def evaluate_split(model, records, proposals, classes, cfg, out_dir: str, split:
         "seconds_per_image": seconds,
         "stage_seconds_per_image": per_image,
         "device": str(device),
+        "peak_memory_mb": peak_memory_mb(device),  # of the whole process so far (training included, in train.py)
     }
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -48,7 +50,8 @@ def evaluate_split(model, records, proposals, classes, cfg, out_dir: str, split:
     _detection_sheet(records[:shown], [[d[i] for d in all_dets] for i in range(shown)], classes,
                      os.path.join(out_dir, "detections.png"))
     log(format_ap_table(result["ap"], result["mAP"]))
-    log(f"{seconds:.3f} s/image on {device}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in per_image.items()))
+    log(f"{seconds:.3f} s/image on {device}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in per_image.items())
+        + f"; peak memory {metrics['peak_memory_mb']:.0f} MB")
     return metrics
 
 

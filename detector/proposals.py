@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import scipy.io
 from PIL import Image
-from tqdm import tqdm
+from detector.progress import progress as progress_bar
 
 from detector.boxes import box_iou
 from detector.data import DatasetError, image_scale
@@ -332,7 +332,7 @@ def compute_proposals(
         return out
     t0 = time.time()
     workers = min(workers or os.cpu_count() or 1, len(todo))
-    bar = tqdm(total=len(todo), desc=f"selective search ({mode})", disable=not progress, unit="img")
+    bar = progress_bar(total=len(todo), desc=f"selective search ({mode})", disable=not progress, unit="img")
     # fork on Linux: workers start at once and share the parent's imports. (Never call cv2.setNumThreads in a
     # forked child: tearing down the parent's OpenCV thread pool hangs it.) Elsewhere the platform default,
     # spawn, which needs the caller's entry point guarded by `if __name__ == "__main__":`, as train.py is.

@@ -232,8 +232,7 @@ def merge_split_detections(all_dets: list[list[np.ndarray]], tiles: list[TileRec
     return out
 
 
-def small_object_warning(records, scales, max_size: int, stride: int = 16, tile: int = 0,
-                         overlap: float = DEFAULT_OVERLAP) -> str | None:
+def small_object_warning(records, scales, max_size: int, stride: int = 16, tile: int = 0) -> str | None:
     """A warning when the network would see the training objects smaller than SMALL_OBJECT_STRIDES strides.
 
     The size of an object is the square root of its (+1) box area; the network sees it multiplied by the image
@@ -246,7 +245,7 @@ def small_object_warning(records, scales, max_size: int, stride: int = 16, tile:
         scales: the training scales (shorter side in pixels), --scales.
         max_size: the cap on the longer side, --max-size.
         stride: the feature stride of the backbone's conv5 map (16 for every backbone here).
-        tile, overlap: --tile (0: whole images) and --tile-overlap.
+        tile: --tile (0: whole images).
     Returns the message (one paragraph naming the flags that fix it), or None when the objects are large
     enough or there are none.
     """
@@ -256,8 +255,7 @@ def small_object_warning(records, scales, max_size: int, stride: int = 16, tile:
             continue
         b = np.asarray(rec.boxes, np.float64)
         side = np.sqrt((b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1))
-        # The network's input: the image, or a tile (tiles of one image share a size but for flush edge tiles,
-        # which the grid keeps at full size: min(tile, image side)).
+        # The network's input: the image, or one of its tiles, all min(tile, image side) px (tile_grid).
         h, w = (min(tile, rec.height), min(tile, rec.width)) if tile > 0 else (rec.height, rec.width)
         for s in scales:
             f = image_scale(h, w, s, max_size)
