@@ -21,9 +21,8 @@ owner reads each output gradient once, like the atomic kernel, and its serial pa
 (64 per image in training). The CPU path is deterministic by construction (a serial scatter-add).
 
 Devices: CUDA tensors run the Triton kernels; CPU tensors run kernels/roi_pool_cpu.py (torch ops over all
-RoIs at once: a range-max table or grouped bin windows), or the Triton kernels through the interpreter when
-TRITON_INTERPRET=1 is set. Outputs agree exactly, except that where a bin's maximum is a zero and the
-window holds both -0.0 and +0.0 the CPU path may return the other sign of zero.
+RoIs at once: a range-max table), or the Triton kernels through the interpreter when
+TRITON_INTERPRET=1 is set. Outputs and argmaxes agree exactly (signed zeros included).
 """
 
 import os
