@@ -33,6 +33,7 @@ from detector.plots import plot_loss_curve
 from detector.progress import peak_memory_mb
 from detector.proposals import proposals_for_split
 from detector.roi_sampling import regression_stats
+from detector.tiling import DEFAULT_MIN_VISIBLE, small_object_warning, tile_records
 from detector.weights import default_weights
 
 # Fault injection for the tests of what a failure on one process does to the others: "RANK:data" fails that
@@ -129,8 +130,21 @@ def prepare(cfg, group: Group, resumed: dict | None, resume_path: str) -> Run:
         if FAULT == f"{group.rank}:data":
             raise InputError(f"injected data failure ({FAULT})")
         records, _ = load_voc(root, cfg.train_split, classes, log=log)
+        # Objects below one feature stride as the network sees them are the usual cause of a near-zero AP on
+        # large images (aerial, microscopy): say so, and how to fix it, before any long phase.
+        warning = small_object_warning(records, cfg.scales, cfg.max_size, round(1 / model.roi_pool.spatial_scale),
+                                       cfg.tile)
+        if warning:
+            log(f"warning: {warning}")
+        if cfg.tile:  # tiles without objects are left out: background-only images add no object to learn
+            images = len(records)
+            records = tile_records(records, cfg.tile, cfg.tile_overlap, keep_empty=False)
+            log(f"tiling: {images} images -> {len(records)} tiles of at most {cfg.tile} px with objects "
+                f"(overlap {cfg.tile_overlap:g}; an object cut by a tile border is kept, clipped, when at least "
+                f"{DEFAULT_MIN_VISIBLE:.0%} of its area lies inside)")
+        # Selective search and the dense grid at the working scale: the largest training scale.
         return records, proposals_for_split(records, cfg.train_proposals, cfg.max_proposals, cfg.workers,
-                                            cfg.train_split, log)
+                                            cfg.train_split, log, scale=max(cfg.scales), max_size=cfg.max_size)
 
     records, proposals = group.rank0_first(load_training_data)
     means, stds = regression_stats([r.boxes for r in records], [r.labels for r in records], proposals,
@@ -258,9 +272,7 @@ def finish(cfg, run: Run) -> int:
         return 0
     t_eval = time.time()
     test_records, _ = load_voc(run.root, cfg.test_split, run.classes, log=log, clean=False)  # the devkit's truth
-    test_props = proposals_for_split(test_records, cfg.test_proposals, cfg.max_proposals, cfg.workers,
-                                     cfg.test_split, log)
-    metrics = evaluate_split(run.model, test_records, test_props, run.classes, cfg, cfg.out, cfg.test_split, log)
+    metrics = evaluate_split(run.model, test_records, run.classes, cfg, cfg.out, cfg.test_split, log)
     phases["evaluation"] = time.time() - t_eval
     log("phases: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) +
         f" | {phases['training'] * 1000 / max(run.iters_run, 1):.0f} ms/iteration | peak memory "

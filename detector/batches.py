@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from detector.boxes import flip_boxes
-from detector.data import flip_image, image_scale, pad_batch, read_image, resize_image, to_tensor
+from detector.data import flip_image, image_scale, pad_batch, resize_image, to_tensor
 from detector.roi_sampling import expand_targets, sample_rois
+from detector.tiling import read_tile
 
 
 @dataclass
@@ -69,7 +70,7 @@ class BatchLoader:
         images, rois, labels, targets, weights = [], [], [], [], []
         for b, i in enumerate(self._next_images()):
             rec, props = self.records[i], self.proposals[i]
-            img, gt = read_image(rec.path), rec.boxes
+            img, gt = read_tile(rec), rec.boxes  # a tile (--tile): its own pixels, width and boxes
             if cfg.use_flipped and self.rng.random() < 0.5:
                 img, gt = flip_image(img), flip_boxes(gt, rec.width)
                 props = flip_boxes(props, rec.width)

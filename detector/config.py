@@ -41,9 +41,17 @@ class Config:
     classes: str = option("", "comma-separated class names; empty: VOC's 20 for VOC data, else inferred from training")
     train_split: str = option("trainval", "ImageSets/Main/<split>.txt used for training")
     test_split: str = option("test", "ImageSets/Main/<split>.txt evaluated at the end")
-    train_proposals: str = option("fast", "selective-search mode (fast|quality) or a .mat proposal file")
-    test_proposals: str = option("fast", "selective-search mode (fast|quality) or a .mat proposal file")
-    max_proposals: int = option(2000, "proposals kept per image; paper §2: R is typically around 2000")
+    train_proposals: str = option("fast", "fast | quality (selective search), dense (paper §5.5 sliding windows) "
+                                  "or a .mat proposal file")
+    test_proposals: str = option("fast", "fast | quality (selective search), dense (paper §5.5 sliding windows) "
+                                 "or a .mat proposal file")
+    max_proposals: int = option(2000, "proposals kept per image (or tile), selective search or dense; paper §2: R "
+                                "is typically around 2000")
+    tile: int = option(0, "cut images into TILE x TILE tiles at native resolution for training and testing "
+                       "(detector/tiling.py); 0 = off. Pair it with --scales/--test-scales TILE --max-size/"
+                       "--test-max-size TILE so the network sees the tiles unscaled")
+    tile_overlap: float = option(0.2, "fraction of a tile shared with each neighbour (SAHI's 0.2): objects "
+                                 "smaller than the overlap lie whole inside some tile")
     workers: int = option(0, "processes for selective search (0: one per core)")
     # --- model ---
     backbone: str = option("vgg16", "caffenet (S), vgg_cnn_m_1024 (M), vgg16 (L) or mobilenet_v2")
@@ -213,6 +221,8 @@ _RANGES = [
     ("test_max_size", lambda v: v > 0, "positive"),
     ("lr_steps", lambda v: all(s >= 0 for s in v), "iterations (0 or more)"),
     ("max_proposals", lambda v: v >= 1, "at least 1"),
+    ("tile", lambda v: v >= 0, "0 (off) or a tile side in pixels"),
+    ("tile_overlap", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("workers", lambda v: v >= 0, "0 (one per core) or more"),
     ("fc_dim", lambda v: v >= 0, "0 (the default) or more"),
     ("nms", lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -239,8 +249,12 @@ def check_values(cfg: Config) -> None:
         raise UsageError(f"--eval-metric {cfg.eval_metric!r}: must be voc07 or area")
     for name in ("train_proposals", "test_proposals"):
         value = getattr(cfg, name)
-        if value not in ("fast", "quality") and not value.endswith(".mat"):
-            raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be fast, quality or a .mat file")
+        if value not in ("fast", "quality", "dense") and not value.endswith(".mat"):
+            raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be fast, quality or a .mat file, or "
+                             "dense (sliding windows)")
+    if cfg.tile and any(v.endswith(".mat") for v in (cfg.train_proposals, cfg.test_proposals)):
+        raise UsageError(f"--tile {cfg.tile}: a .mat file holds proposals of whole images, not of tiles; use "
+                         "fast, quality or dense proposals with tiling")
 
 
 def resolve_device(name: str):

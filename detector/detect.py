@@ -18,9 +18,10 @@ from detector.boxes import clip_boxes, decode_boxes, nms
 from detector.checkpoint import model_from_checkpoint, read_checkpoint
 from detector.config import Config, resolve_device
 from detector.errors import InputError
-from detector.proposals import selective_search
+from detector.proposals import dense_proposals, selective_search
 from detector.svd import svd_compress
-from detector.data import image_scale, read_image, resize_image, to_tensor
+from detector.data import image_scale, resize_image, to_tensor
+from detector.tiling import crop, merge_detections, read_tile, tile_grid
 from detector.timing import StageTimer
 
 
@@ -89,6 +90,11 @@ def postprocess(scores: np.ndarray, boxes: np.ndarray, num_classes: int, score_t
         if len(d):
             d = d[nms(torch.from_numpy(d[:, :4]), torch.from_numpy(d[:, 4]), nms_thresh).numpy()]
         dets.append(d)
+    return cap_per_image(dets, max_per_image)
+
+
+def cap_per_image(dets: list[np.ndarray], max_per_image: int) -> list[np.ndarray]:
+    """The max_per_image best detections of one image across classes (ties at the cut all kept; 0: no cap)."""
     if max_per_image > 0:
         all_scores = np.concatenate([d[:, 4] for d in dets[1:]])
         if len(all_scores) > max_per_image:
@@ -101,11 +107,13 @@ def detect_dataset(model, records, proposals, cfg, progress: bool = True, timer:
     """Detections for every image: all_dets[class][image] = (n, 5) array (x1, y1, x2, y2, score), 0-based pixels.
 
     `timer`: a StageTimer on `model`, entered by the caller; it accumulates the Fig. 2 split of every image.
+    Records may be tiles (detector.tiling.TileRecord): their detections are then in tile coordinates
+    (merge_split_detections maps them back).
     """
     model.eval()
     all_dets = [[None] * len(records) for _ in range(model.num_classes + 1)]
     for i, rec in enumerate(progress_bar(records, desc="detect", disable=not progress, leave=False)):
-        img = read_image(rec.path)
+        img = read_tile(rec)
         scores, boxes = im_detect(model, img, np.asarray(proposals[i], np.float32), cfg.test_scales,
                                   cfg.test_max_size, timer)
         dets = postprocess(scores, boxes, model.num_classes, cfg.score_thresh, cfg.max_per_class, cfg.nms,
@@ -156,28 +164,60 @@ class Detector:
         return cls(model.to(resolve_device(device)), ckpt["classes"], cfg)
 
     def proposals(self, image: np.ndarray) -> np.ndarray:
-        """Selective-search boxes for an image, in the mode and number the checkpoint was tested with."""
-        return selective_search(image, mode=self.proposal_mode, max_boxes=self.cfg.max_proposals)
+        """Proposals for an image (or a tile), in the mode, number and working scale of the evaluation:
+        selective search, or dense boxes; the working scale is the largest test scale (proposals_for_split)."""
+        scale, max_size = max(self.cfg.test_scales), self.cfg.test_max_size
+        if self.proposal_mode == "dense":
+            return dense_proposals(image.shape[0], image.shape[1], self.cfg.max_proposals, scale, max_size)
+        return selective_search(image, mode=self.proposal_mode, max_boxes=self.cfg.max_proposals, scale=scale,
+                                max_size=max_size)
 
     @property
     def proposal_mode(self) -> str:
         """The checkpoint's test proposal mode; "quality" (the paper's) when it was tested on a .mat file."""
-        return self.cfg.test_proposals if self.cfg.test_proposals in ("fast", "quality") else "quality"
+        return self.cfg.test_proposals if self.cfg.test_proposals in ("fast", "quality", "dense") else "quality"
 
-    def __call__(self, image: np.ndarray, proposals: np.ndarray | None = None, min_score: float = 0.0) -> dict:
+    def windows(self, height: int, width: int) -> list:
+        """The tiles the detector cuts an image into (--tile, detector.tiling.tile_grid); [] without tiling."""
+        return tile_grid(height, width, self.cfg.tile, self.cfg.tile_overlap) if self.cfg.tile else []
+
+    def __call__(self, image: np.ndarray, proposals=None, min_score: float = 0.0) -> dict:
         """Detections in one image.
 
         Args:
             image: (H, W, 3) uint8 RGB.
-            proposals: (P, 4) boxes in the image's pixels; None computes them (selective search).
+            proposals: (P, 4) boxes in the image's pixels; None computes them (self.proposals). With tiling
+                (cfg.tile > 0) a list with one (P, 4) array per tile of self.windows(H, W), in tile pixels.
             min_score: leave out detections scoring below this (a display threshold; the evaluation's
                 cfg.score_thresh still applies first).
         Returns {"boxes": float32 (n, 4), "labels": list of n class names, "scores": float32 (n,)}, by
-        descending score.
+        descending score; boxes in the image's pixels (with tiling: the tiles' detections mapped back and
+        merged by per-class NMS, then capped at cfg.max_per_image, as the evaluation does).
         """
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
+        windows = self.windows(*image.shape[:2])
+        if not windows:
+            dets = self._detect(image, proposals, self.cfg.max_per_image)
+        else:
+            if proposals is not None and len(proposals) != len(windows):
+                raise ValueError(f"{len(proposals)} proposal arrays for {len(windows)} tiles")
+            tile_dets = [self._detect(crop(image, w), None if proposals is None else proposals[k], 0)
+                         for k, w in enumerate(windows)]
+            start = time.perf_counter()
+            dets = cap_per_image(merge_detections(tile_dets, windows, self.cfg.nms), self.cfg.max_per_image)
+            self.seconds["nms"] += time.perf_counter() - start
+        rows = np.concatenate([np.zeros((0, 5), np.float32)] + dets[1:])
+        labels = np.concatenate([np.full(len(d), j, np.int64) for j, d in enumerate(dets[1:], start=1)] +
+                                [np.zeros(0, np.int64)])
+        order = np.argsort(-rows[:, 4], kind="stable")  # ties keep class order
+        order = order[rows[order, 4] >= min_score]
+        return {"boxes": rows[order, :4], "labels": [self.classes[j - 1] for j in labels[order]],
+                "scores": rows[order, 4]}
+
+    def _detect(self, image: np.ndarray, proposals, max_per_image: int) -> list[np.ndarray]:
+        """postprocess's per-class detections of one image (or tile), timing each stage into self.seconds."""
         start = time.perf_counter()
         if proposals is None:
             proposals = self.proposals(image)
@@ -190,12 +230,6 @@ class Detector:
         self.seconds["head"] += sum(v for k, v in timer.seconds.items() if k != "conv")
         start = time.perf_counter()
         dets = postprocess(scores, boxes, self.model.num_classes, self.cfg.score_thresh, self.cfg.max_per_class,
-                           self.cfg.nms, self.cfg.max_per_image)
-        rows = np.concatenate([np.zeros((0, 5), np.float32)] + dets[1:])
-        labels = np.concatenate([np.full(len(d), j, np.int64) for j, d in enumerate(dets[1:], start=1)] +
-                                [np.zeros(0, np.int64)])
-        order = np.argsort(-rows[:, 4], kind="stable")  # ties keep class order
-        order = order[rows[order, 4] >= min_score]
+                           self.cfg.nms, max_per_image)
         self.seconds["nms"] += time.perf_counter() - start
-        return {"boxes": rows[order, :4], "labels": [self.classes[j - 1] for j in labels[order]],
-                "scores": rows[order, 4]}
+        return dets

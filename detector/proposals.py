@@ -387,6 +387,21 @@ def load_mat_proposals(path: str, records) -> list[np.ndarray]:
     return out
 
 
+def image_proposals(records, source: str, max_boxes: int, workers: int = 0, scale: int = 0, max_size: int = 0,
+                    cache_dir: str | None = None, progress: bool = True, stats: dict | None = None
+                    ) -> list[np.ndarray]:
+    """Selective search ("fast" / "quality": compute_proposals, cached) or dense sliding windows ("dense":
+    dense_proposals) for records that need no annotations (a path, an image id, a tile's window); aligned
+    with records. Arguments as proposals_for_split; stats as compute_proposals (selective search only)."""
+    if source in ("fast", "quality"):
+        return compute_proposals(records, mode=source, max_boxes=max_boxes, workers=workers or None,
+                                 scale=scale, max_size=max_size, stats=stats, cache_dir=cache_dir,
+                                 progress=progress)
+    if source == "dense":
+        return [dense_proposals(*_record_size(r), max_boxes, scale, max_size) for r in records]
+    raise DatasetError(f"proposals must be 'fast', 'quality', 'dense' or a .mat file, got {source!r}")
+
+
 def proposals_for_split(records, source: str, max_boxes: int, workers: int = 0, split: str = "",
                         log=print, scale: int = 0, max_size: int = 0, cache_dir: str | None = None
                         ) -> list[np.ndarray]:
@@ -404,26 +419,25 @@ def proposals_for_split(records, source: str, max_boxes: int, workers: int = 0, 
         cache_dir: the selective-search cache root (default <repo>/data/cache/proposals).
     """
     t0 = time.time()
+    searched: dict = {}
     if source.endswith(".mat"):
         boxes = load_mat_proposals(source, records)
-    elif source in ("fast", "quality"):
-        searched: dict = {}
-        boxes = compute_proposals(records, mode=source, max_boxes=max_boxes, workers=workers or None,
-                                  scale=scale, max_size=max_size, stats=searched, cache_dir=cache_dir)
-    elif source == "dense":
-        boxes = [dense_proposals(*_record_size(r), max_boxes, scale, max_size) for r in records]
     else:
-        raise DatasetError(f"proposals must be 'fast', 'quality', 'dense' or a .mat file, got {source!r}")
+        boxes = image_proposals(records, source, max_boxes, workers, scale, max_size, cache_dir, stats=searched)
     seconds = time.time() - t0
+    tiled = bool(records) and hasattr(records[0], "window")  # TileRecords: recall of the tiles' objects
+    unit = "tile" if tiled else "image"
     # Time per image: of the images searched (with `workers` processes, wall clock), not of cache reads.
-    per_image = f"{seconds / max(len(records), 1):.2f} s/image"
+    per_image = f"{seconds / max(len(records), 1):.2f} s/{unit}"
     if source in ("fast", "quality"):
         n = searched["computed"]
-        per_image = (f"{searched['seconds'] / n:.2f} s/image searched, {len(records) - n} from the cache" if n
+        per_image = (f"{searched['seconds'] / n:.2f} s/{unit} searched, {len(records) - n} from the cache" if n
                      else "all from the cache")
+    if tiled:  # and per whole image, the figure to compare with an untiled run
+        per_image += f", {searched.get('seconds', seconds) / len({r.path for r in records}):.2f} s/image"
     recall = proposal_recall(boxes, records)
     at = f" at scale {scale}/{max_size}" if scale > 0 and not source.endswith(".mat") else ""
-    log(f"{split}: {len(records)} images, {sum(len(r.boxes) for r in records)} objects, "
+    log(f"{split}: {len(records)} {unit}s, {sum(len(r.boxes) for r in records)} objects, "
         f"proposals ({source}{at}) {seconds:.1f}s ({per_image}), "
         + ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if isinstance(v, float)))
     return boxes

@@ -180,6 +180,15 @@ def to_image_coords(boxes: np.ndarray, window: Window) -> np.ndarray:
     return boxes
 
 
+def pool_boxes(boxes: list[np.ndarray], tiles: list[TileRecord], num_images: int) -> list[np.ndarray]:
+    """Per-tile boxes (P, 4) in tile coordinates -> per-image boxes in image coordinates, all tiles' pooled (no
+    NMS): e.g. the tiles' proposals, to measure their recall on the whole images (proposal_recall)."""
+    pooled: list[list[np.ndarray]] = [[np.zeros((0, 4), np.float32)] for _ in range(num_images)]
+    for t, b in zip(tiles, boxes):
+        pooled[t.source].append(to_image_coords(np.asarray(b, np.float32).reshape(-1, 4), t.window))
+    return [np.concatenate(p) for p in pooled]
+
+
 def merge_detections(tile_dets: list[list[np.ndarray]], windows: list[Window], nms_thresh: float = 0.3
                      ) -> list[np.ndarray]:
     """The detections of one image from those of its tiles: mapped back to the image, then per-class NMS.
@@ -291,4 +300,5 @@ def small_object_warning(records, scales, max_size: int, stride: int = 16, tile:
             f"the images and {median_scaled:.1f} px as the network sees them ({inputs} {scaling} by --scales "
             f"{','.join(str(s) for s in scales)} --max-size {max_size}), below the "
             f"feature stride of {stride} px: most objects fall inside one cell of the feature map, where the "
-            f"detector cannot tell their shape. Fix: {fix}.")
+            f"detector cannot tell their shape. Fix: {fix}; give --test-scales and --test-max-size the same "
+            "values as --scales and --max-size.")

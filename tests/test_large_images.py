@@ -94,10 +94,7 @@ def tiled_recall(records, source: str, max_boxes: int, tile: int, scale: int, ma
     boxes = proposals.proposals_for_split(tiles, source, max_boxes, scale=scale, max_size=max_size,
                                           log=lambda *_: None, **kw)
     seconds = time.time() - t0
-    pooled = [np.zeros((0, 4), np.float32) for _ in records]
-    for t, b in zip(tiles, boxes):
-        pooled[t.source] = np.concatenate([pooled[t.source], tiling.to_image_coords(b, t.window)])
-    return proposals.proposal_recall(pooled, records), seconds
+    return proposals.proposal_recall(tiling.pool_boxes(boxes, tiles, len(records)), records), seconds
 
 
 @pytest.fixture(scope="module")
