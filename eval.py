@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from detector.checkpoint import model_from_checkpoint, read_checkpoint
-from detector.config import build_parser, resolve, resolve_device
+from detector.config import UsageError, build_parser, resolve, resolve_device
 from detector.data import ImageRecord, load_voc, read_image
 from detector.detect import Detector
 from detector.errors import InputError
@@ -158,6 +158,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except InputError as e:
+    except InputError as e:  # one line, no traceback: 2 for a bad command-line value (UsageError), else 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
