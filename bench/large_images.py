@@ -4,7 +4,7 @@ the whole test images, the test mAP and the proposal time per image of each run.
 
     .venv/bin/python bench/large_images.py --out /tmp/large_bench
 
-The set: tests/test_large_images.py's generator, 3 images of 1500-2500 px (~300-700 objects of 15-60 px each);
+The set: detector/shapes.py's generate_large, 3 images of 1500-2500 px (~300-700 objects of 15-60 px each);
 the first two train, the third tests. Every run: the demo preset (MobileNetV2, packaged ImageNet weights) with
 --iters (300, as in the issue); the untiled runs at the demo's scales (320 / 533, what a new user gets), the
 tiled ones at native resolution (--tile T --scales T --max-size T and the same at test time).
@@ -21,10 +21,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from detector.proposals import default_cache_dir  # noqa: E402
-from test_large_images import generate_large  # noqa: E402
+from detector.shapes import generate_large  # noqa: E402
 
 
 def _line(log: str, split: str) -> str:

@@ -1,9 +1,6 @@
-"""Large images with many small objects (the aerial-imagery case of issue 15): a generator in VOC layout, and
-proposal recall with and without tiling.
-
-The generator reuses the built-in data set's shapes, backgrounds and XML writer (detector/shapes.py) but draws
-1500-2500 px images holding hundreds of 15-60 px objects. Run as a script to measure recall@0.5 and the time
-per image for selective search and dense proposals, whole images vs tiles:
+"""Large images with many small objects (the aerial-imagery case of issue 15; shapes.generate_large): proposal
+recall with and without tiling. Run as a script to measure recall@0.5 and the time per image for selective
+search and dense proposals, whole images vs tiles:
 
     .venv/bin/python tests/test_large_images.py --out /tmp/large --images 3
 """
@@ -13,7 +10,6 @@ import os
 import sys
 import time
 
-import cv2
 import numpy as np
 import pytest
 
@@ -21,69 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from detector import proposals, tiling  # noqa: E402
 from detector.data import load_voc  # noqa: E402
-from detector.shapes import (  # noqa: E402
-    SHAPE_CLASSES, _annotation_xml, _background, _distinct_colour, _natural_images, _unit_outline)
-
-
-def _small_shape(rng, name: str, side: float) -> np.ndarray:
-    """A filled shape whose longer box side is about `side` px: a bool mask, cropped to its pixels."""
-    aspect = np.exp(rng.uniform(-0.3, 0.3))
-    angle = rng.uniform(0, 2 * np.pi)
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    polys = [(p * [aspect, 1 / aspect]) @ rot.T for p in _unit_outline(name)]
-    polys = [p * (side / np.ptp(polys[0], 0).max()) for p in polys]  # the longer box side becomes `side`
-    lo = np.min(polys[0], 0)
-    extent = np.ceil(np.max(polys[0], 0) - lo).astype(int) + 2
-    mask = np.zeros((extent[1], extent[0]), np.uint8)
-    for k, p in enumerate(polys):  # 4 fractional bits, as shapes.py: small shapes stay faithful
-        cv2.fillPoly(mask, [np.round((p - lo + 1) * 16).astype(np.int32)], 1 if k == 0 else 0, cv2.LINE_8, 4)
-    ys, xs = np.nonzero(mask)
-    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(bool)
-
-
-def render_large(rng, height: int, width: int, naturals, pixels_per_object: int = 8000,
-                 sizes=(15, 60)) -> tuple[np.ndarray, list]:
-    """One image: uint8 RGB and [(class, x1, y1, x2, y2, difficult)] with 0-based boxes, objects not
-    touching."""
-    img = _background(rng, height, width, naturals)
-    taken = np.zeros((height, width), bool)  # object boxes plus a 2-px margin: objects never overlap
-    objects = []
-    for _ in range(height * width // pixels_per_object):
-        name = SHAPE_CLASSES[rng.integers(len(SHAPE_CLASSES))]
-        mask = _small_shape(rng, name, np.exp(rng.uniform(np.log(sizes[0]), np.log(sizes[1]))))
-        h, w = mask.shape
-        y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
-        if taken[max(y - 2, 0):y + h + 2, max(x - 2, 0):x + w + 2].any():
-            continue  # a crowded spot: skip rather than redraw, the count is only a target
-        taken[y:y + h, x:x + w] = True
-        patch = img[y:y + h, x:x + w]
-        patch[mask] = _distinct_colour(rng, patch[mask])
-        objects.append((name, x, y, x + w - 1, y + h - 1, False))
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 0.8))
-    img += rng.uniform(2, 6) * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), objects
-
-
-def generate_large(out_dir: str, n_images: int = 3, seed: int = 0, sizes=(1500, 2500),
-                   pixels_per_object: int = 8000) -> str:
-    """Write a VOC root of n_images large images (sides drawn from `sizes`), all listed in trainval and
-    test."""
-    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    naturals = _natural_images()
-    ids = [f"{i + 1:06d}" for i in range(n_images)]
-    for i, image_id in enumerate(ids):
-        rng = np.random.default_rng([seed, 15, i])
-        height, width = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
-        img, objects = render_large(rng, height, width, naturals, pixels_per_object)
-        path = os.path.join(out_dir, "JPEGImages", f"{image_id}.jpg")
-        cv2.imwrite(path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-        with open(os.path.join(out_dir, "Annotations", f"{image_id}.xml"), "wb") as f:
-            f.write(_annotation_xml(image_id, width, height, objects))
-    for split in ("trainval", "test"):
-        with open(os.path.join(out_dir, "ImageSets", "Main", f"{split}.txt"), "w") as f:
-            f.write("".join(f"{i}\n" for i in ids))
-    return os.path.abspath(out_dir)
+from detector.shapes import SHAPE_CLASSES, generate_large  # noqa: E402
 
 
 def tiled_recall(records, source: str, max_boxes: int, tile: int, scale: int, max_size: int, **kw) -> tuple:

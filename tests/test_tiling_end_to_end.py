@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from test_large_images import generate_large
+from detector.shapes import generate_large
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Equal settings for both runs: the demo preset (MobileNetV2), dense proposals, one image per step.
