@@ -193,7 +193,7 @@ def prepare(cfg, group: Group, resumed: dict | None, resume_path: str) -> Run:
 
 def save_training_state(cfg, group: Group, run: Run, it: int) -> None:
     """checkpoint.pt at the boundary before iteration `it` (0-based): everything to continue exactly."""
-    cuda = run.model.bbox_means.device.type == "cuda"
+    cuda = group.device.type == "cuda"
     ranks = group.gather({"batches": run.loader.state_dict(), "cpu_rng": torch.get_rng_state(),
                           "cuda_rng": [torch.cuda.get_rng_state(group.device)] if cuda else []})
     if group.main:

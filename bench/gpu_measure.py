@@ -17,7 +17,6 @@ test_time: nets S, M, L with random weights on a random 600 x 1000 image with 20
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so that `python bench/...` finds detector/
+from bench.common import time_ms  # noqa: E402
+from bench.speed_vs_rcnn import random_proposals  # noqa: E402
 from detector.backbones import build_backbone  # noqa: E402
 from detector.model import FastRCNN  # noqa: E402
 from detector.svd import svd_compress  # noqa: E402
@@ -46,29 +47,11 @@ SMOOTH_L1_ROIS, SMOOTH_L1_ROIS_TINY = [128, 16384], [128]  # R x 84 (4 deltas x 
 NETS = {"S": "caffenet", "M": "vgg_cnn_m_1024", "L": "vgg16"}
 
 
-def random_proposals(n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 4) integer boxes, sides log-uniform from 16 px to the image's (selective search: mostly small), as
-    bench/speed_vs_rcnn.py draws them (not imported: that script's imports are not needed here)."""
-    logs = torch.rand(n, 2, generator=generator) * torch.tensor([math.log(width / 16), math.log(height / 16)])
-    sides = torch.exp(math.log(16) + logs).floor()  # (n, 2) widths, heights
-    corner = (torch.rand(n, 2, generator=generator) * (torch.tensor([width, height]) - sides + 1)).floor()
-    return torch.cat([corner, corner + sides - 1], dim=1)
-
-
-def bench_ms(fn, device: str, tiny: bool) -> float:
-    """Median milliseconds of fn(): triton's do_bench on CUDA (L2 flushed between calls), else wall clock."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])[0]
-    return statistics.median(time_runs(fn, device, repeats=2 if tiny else 5)) * 1e3
-
-
 def copy_bandwidth(device: str, tiny: bool) -> float:
     """Bytes per second of a device-to-device copy, counting the read and the write (256 MiB; 8 MiB tiny)."""
     src = torch.empty((2 << 20) if tiny else (64 << 20), dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (bench_ms(lambda: dst.copy_(src), device, tiny) * 1e-3)
+    return 2 * src.numel() * 4 / (time_ms(lambda: dst.copy_(src), device, repeats=2 if tiny else 5)[0] * 1e-3)
 
 
 def _roi_inputs(shape, dtype, device):
@@ -119,7 +102,7 @@ def measure_roi_pool(device: str, tiny: bool, bandwidth: float) -> list[dict]:
                     row["max_diff_vs_ours"] = float((out.detach().float() - reference[0].float()).abs().max())
                     if gx is not None:
                         row["grad_max_diff_vs_ours"] = float((gx.float() - reference[1].float()).abs().max())
-                    row["ms"] = bench_ms(step, device, tiny)
+                    row["ms"] = time_ms(step, device, repeats=2 if tiny else 5)[0]
                     row["x_floor"] = row["ms"] / row["floor_ms"]
                 except Exception as e:  # e.g. a provider without bf16 on this device: recorded, not fatal
                     row["error"] = f"{type(e).__name__}: {e}"[:200]
@@ -159,7 +142,7 @@ def measure_smooth_l1(device: str, tiny: bool) -> list[dict]:
 
                         try:
                             values[(provider, mode)] = step().float()
-                            row["ms"] = bench_ms(step, device, tiny)
+                            row["ms"] = time_ms(step, device, repeats=2 if tiny else 5)[0]
                         except Exception as e:
                             row["error"] = f"{type(e).__name__}: {e}"[:200]
                         rows.append(row)

@@ -174,12 +174,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_dict(saved: dict) -> Config:
+    """A Config from a saved configuration (a checkpoint's "config"): fields this version does not know are left
+    out, new fields keep their defaults, lists become the tuples the fields hold."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
 def resolve(args: argparse.Namespace, base: dict | None = None) -> Config:
     """Defaults, then the preset (or `base`, a saved configuration), then whatever the command line set."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
-    if base is not None:  # fields this version does not know are left out; new fields keep their defaults
-        known = {f.name for f in fields(Config)}
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items() if k in known})
+    if base is not None:
+        cfg = config_from_dict(base)
     else:
         preset = given.get("preset", Config.preset)
         if preset not in PRESETS:

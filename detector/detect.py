@@ -16,7 +16,7 @@ from detector.progress import progress as progress_bar
 
 from detector.boxes import clip_boxes, decode_boxes, nms
 from detector.checkpoint import model_from_checkpoint, read_checkpoint
-from detector.config import Config, resolve_device
+from detector.config import Config, config_from_dict, resolve_device
 from detector.errors import InputError
 from detector.proposals import dense_proposals, selective_search
 from detector.svd import svd_compress
@@ -152,9 +152,8 @@ class Detector:
             overrides: test-time Config fields, e.g. test_scales=(480, 576), score_thresh=0.05.
         """
         ckpt = read_checkpoint(path)
-        fields = Config.__dataclass_fields__
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in fields})
-        unknown = sorted(set(overrides) - set(fields))
+        cfg = config_from_dict(ckpt["config"])
+        unknown = sorted(set(overrides) - set(Config.__dataclass_fields__))
         if unknown:
             raise InputError(f"unknown Detector settings {unknown}; they are Config fields (detector/config.py)")
         cfg = replace(cfg, **overrides)
