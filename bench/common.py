@@ -3,6 +3,7 @@
 import argparse
 import csv
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -28,11 +29,49 @@ def time_ms(fn, device: str, repeats: int = 50, budget_s: float = 1.0) -> list[f
     detector.timing.time_runs, one warm-up then up to `repeats` runs within budget_s (at least one)."""
     if device == "cuda":
         return triton.testing.do_bench(fn, quantiles=QUANTILES)
-    times = [t * 1e3 for t in time_runs(fn, device, repeats=repeats, warmup=1, budget_s=budget_s)]
-    if len(times) < 2:
-        return times * 3
-    qs = statistics.quantiles(times, n=10, method="inclusive")  # deciles: qs[1] = 20%, qs[7] = 80%
-    return [statistics.median(times), qs[1], qs[7]]
+    return _quantile_ms(time_runs(fn, device, repeats=repeats, warmup=1, budget_s=budget_s))
+
+
+def _quantile_ms(times_s: list[float]) -> list[float]:
+    """[median, 20%, 80%] milliseconds of run times in seconds."""
+    ms = [t * 1e3 for t in times_s]
+    if len(ms) < 2:
+        return ms * 3
+    qs = statistics.quantiles(ms, n=10, method="inclusive")  # deciles: qs[1] = 20%, qs[7] = 80%
+    return [statistics.median(ms), qs[1], qs[7]]
+
+
+def time_interleaved(fns: dict, device: str, reference: str, repeats: int, budget_s: float,
+                     min_rounds: int = 3) -> dict[str, dict]:
+    """Time several providers of one op so that they can be compared on a machine whose speed drifts.
+
+    CPU: rounds that call every fn once, in turn (after one untimed warm-up round), until `repeats` rounds or,
+    once min_rounds are done, until budget_s has passed: a slow moment of a shared machine hits every provider
+    of that round. CUDA: do_bench for each (a GPU's speed does not drift that way).
+
+    Args:
+        fns: provider name -> zero-argument callable.
+        reference: the provider the others are compared with.
+    Returns:
+        name -> {"ms": [median, 20%, 80%], "ratio": median over rounds of (this fn's time / the reference's in
+        the same round), "runs": rounds}.
+    """
+    if device == "cuda":
+        ms = {name: time_ms(fn, device) for name, fn in fns.items()}
+        return {name: {"ms": m, "ratio": m[0] / ms[reference][0], "runs": 0} for name, m in ms.items()}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            times[name] += time_runs(fn, device, repeats=1, warmup=0)
+        rounds += 1
+    return {name: {"ms": _quantile_ms(ts),
+                   "ratio": statistics.median(t / r for t, r in zip(ts, times[reference], strict=True)),
+                   "runs": rounds}
+            for name, ts in times.items()}
 
 
 def pick_devices(choice: str, auto: list[str]) -> list[str]:

@@ -22,7 +22,10 @@ from torch import Tensor
 FLT_MAX = 3.4028234663852886e38  # the reference's scan starts at -FLT_MAX, for every dtype
 _TABLE_BUDGET = 1 << 19  # elements of the range-max table (4 MiB of int64 keys): more -> channel blocks
 _STEP_BUDGET = 1 << 16  # elements gathered per step (512 KiB of keys): the temporaries stay in cache
-_LOW = 2**31 - 1  # key low word = _LOW - h*W - w; _LOW + 1 (argmax -1) marks values <= -FLT_MAX and empty bins
+# key low word = _LOW - h*W - w; _LOW + 1 (argmax -1) marks values <= -FLT_MAX and empty bins. All of them fit a
+# non-negative int32, so argmax = _LOW - low word is int32 arithmetic without overflow.
+_LOW = 2**31 - 2
+_LOW_INT32 = torch.tensor(_LOW, dtype=torch.int32)
 
 
 def round_half_away(x: Tensor) -> Tensor:
@@ -58,27 +61,34 @@ def _bin_bounds(rois: Tensor, scale: float, ph: int, pw: int, h: int, w: int):
     return (*edges(bin_h, sh, ph, h), *edges(bin_w, sw, pw, w))
 
 
-def _codes(xs: Tensor) -> tuple[Tensor, Tensor | None, int]:
-    """Order codes of a clamped map (int64, monotone in the value, -0.0 == 0.0), the value of each code, and
-    the code of 0.0.
+def _codes(xs: Tensor, merge_neg_zero: bool) -> tuple[Tensor, Tensor | None, int]:
+    """Order codes of a map block (monotone in the value), the value of each code, and the code of 0.0.
 
-    fp32 bits made monotone as signed ints (fp16/bf16 widen to fp32 exactly); float64 values are ranked
-    instead (torch.unique), and values holds the distinct values indexed by code plus a trailing 0.0.
+    fp32: the bits made monotone as signed int32 (fp16/bf16 arrive widened to fp32, exactly); merge_neg_zero
+    adds 0.0 first, which turns -0.0 into 0.0 (the reference's '>' ties them; only needed when the map has a
+    -0.0). float64 values are ranked instead (torch.unique, which ties -0.0 with 0.0), and values holds the
+    distinct values indexed by code plus a trailing 0.0.
     """
     if xs.dtype == torch.float64:
-        values, code = torch.unique(xs, sorted=True, return_inverse=True)  # -0.0 == 0.0: one rank
+        values, code = torch.unique(xs, sorted=True, return_inverse=True)
         return code, torch.cat([values, values.new_zeros(1)]), values.numel()
-    bits = (xs + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into 0.0: the reference's '>' ties them
+    bits = (xs + 0.0 if merge_neg_zero else xs).view(torch.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF), None, 0  # flip the magnitude bits of negatives
 
 
-def _decode(key: Tensor, values: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Maxima (fp32, or fp64 with ranked codes) and argmaxes (int64) of table keys."""
-    arg = _LOW - (key & 0xFFFFFFFF)
-    code = key >> 32
+def _decode(key: Tensor, values: Tensor | None, out: Tensor, argmax: Tensor) -> None:
+    """Write the maxima and argmaxes that table keys (int64) hold into out (fp32/fp64) and argmax (int32),
+    contiguous buffers of the keys' shape.
+
+    The low word is read in place as the int32 half of each key (little-endian: it comes first), so that the
+    argmax is one int32 subtraction.
+    """
+    torch.sub(_LOW_INT32, key.view(torch.int32).view(*key.shape, 2)[..., 0], out=argmax)
+    code = (key >> 32).to(torch.int32)
     if values is not None:
-        return values[code], arg
-    return (code ^ ((code >> 31) & 0x7FFFFFFF)).int().view(torch.float32), arg
+        torch.index_select(values, 0, code.view(-1), out=out.view(-1))
+    else:
+        torch.bitwise_xor(code, (code >> 31) & 0x7FFFFFFF, out=out.view(torch.int32))
 
 
 def _build_table(rows: Tensor, levels_h: int, levels_w: int, shape) -> None:
@@ -112,8 +122,6 @@ def roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, ne
     argmax_shape = (k, c, ph, pw) if need_argmax else (0,)
     if k == 0 or c * h * w == 0:  # no RoI, or every bin empty
         return x.new_zeros((k, c, ph, pw)), torch.full(argmax_shape, -1, dtype=torch.int32)
-    # every element is written below (empty bins read the table's empty row): no fill pass
-    out, argmax = torch.empty((k, c, ph, pw), dtype=x.dtype), torch.empty(argmax_shape, dtype=torch.int32)
     hs, he, ws, we = _bin_bounds(rois, scale, ph, pw, h, w)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -135,41 +143,55 @@ def roi_pool_fwd_cpu(x: Tensor, rois: Tensor, scale: float, ph: int, pw: int, ne
     # --- channel blocks: one table buffer, reused (fresh large tensors cost page faults on a CPU)
     c_step = max(1, min(c, _TABLE_BUDGET // (empty_row + 1)))
     table = torch.empty((empty_row + 1) * c_step, dtype=torch.int64 if need_argmax else acc)
+    r_step = max(1, _STEP_BUDGET // (ph * pw * c_step)) * ph * pw  # bins per step: whole RoIs
+    # one step's decoded results, in the gathered (bin, channel) order; reused by every step (they stay in cache)
+    step_out = torch.empty(r_step * c_step, dtype=acc)
+    step_arg = torch.empty(r_step * c_step if need_argmax else 0, dtype=torch.int32)
+    out = torch.empty((k, c, ph, pw), dtype=x.dtype)
+    argmax = torch.empty((k, c, ph, pw) if need_argmax else (0,), dtype=torch.int32)
+    xf = x.to(acc)
+    # Whole-map checks, once: NaN and values <= -FLT_MAX never win (the reference's scan starts at -FLT_MAX),
+    # and a -0.0 ties with 0.0; both are rare, so the blocks below do the extra work only when they occur.
+    never_wins = not bool((xf > -FLT_MAX).all())
+    neg_zero = need_argmax and bool(((xf == 0) & xf.signbit()).any())
     for c0 in range(0, c, c_step):
         cb = min(c_step, c - c0)
         rows = table[: (empty_row + 1) * cb].view(empty_row + 1, cb)
         level0 = rows[:-1].view(-1, n, h, w, cb)[0]  # (N, H, W, cb): the map's pixels
-        xs = x[:, c0 : c0 + cb].permute(0, 2, 3, 1).to(acc)  # channels last
-        xs = torch.where(xs > -FLT_MAX, xs, -FLT_MAX)  # NaN and <= -FLT_MAX never win: the reference's start
+        xs = xf[:, c0 : c0 + cb].permute(0, 2, 3, 1)  # channels last (a view)
+        if never_wins:
+            xs = torch.where(xs > -FLT_MAX, xs, -FLT_MAX)
         if need_argmax:
-            code, values, zero_code = _codes(xs)
-            # a value <= -FLT_MAX never wins: its low word says argmax -1 (they all share one code)
-            torch.bitwise_or(code << 32, torch.where(xs > -FLT_MAX, low, _LOW + 1), out=level0)
+            code, values, zero_code = _codes(xs, neg_zero)
+            torch.bitwise_or(code.long() << 32, low, out=level0)
+            if never_wins:  # one code for all of them, and the low word of argmax -1
+                level0.masked_fill_(xs <= -FLT_MAX, (int(code.min()) << 32) | (_LOW + 1))
             rows[-1] = (zero_code << 32) | (_LOW + 1)  # an empty bin: 0.0 and argmax -1, as the reference
-            # the reference returns x at the argmax: a -0.0 there is fetched back (codes merged it with 0.0)
-            neg_zero = bool(((xs == 0) & xs.signbit()).any())
         else:
             level0.copy_(xs)
             rows[-1] = 0
         _build_table(rows, levels_h, levels_w, (n, h, w, cb))
-        r_step = max(1, _STEP_BUDGET // (ph * pw * cb)) * ph * pw  # whole RoIs per step
         for r0 in range(0, k * ph * pw, r_step):
             sel = corners[:, r0 : r0 + r_step]
             best = rows.index_select(0, sel[0])
             for i in range(1, 4):
                 torch.maximum(best, rows.index_select(0, sel[i]), out=best)
             k0, kc = r0 // (ph * pw), sel.shape[1] // (ph * pw)
+            # (kc * PH * PW, cb) gathered rows -> out[k0 : k0 + kc, c0 : c0 + cb]: a contiguous cb x PH*PW
+            # chunk per RoI, written as a batch of small transposes
             dst = (slice(k0, k0 + kc), slice(c0, c0 + cb))
             if not need_argmax:
-                out[dst] = best.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+                out.view(k, c, ph * pw)[dst].copy_(best.view(kc, ph * pw, cb).transpose(1, 2))
                 continue
-            val, arg = _decode(best, values)
+            val, arg = step_out[: best.numel()].view_as(best), step_arg[: best.numel()].view_as(best)
+            _decode(best, values, val, arg)
             if neg_zero:  # rare: refetch zero maxima from the map, to get the sign of the first one
                 zero = (val == 0) & (arg >= 0)
-                pixel = batch[k0 : k0 + kc].repeat_interleave(ph * pw)[:, None] * (h * w) + arg.clamp(min=0)
+                image = batch[k0 : k0 + kc].repeat_interleave(ph * pw)[:, None]
+                pixel = image * (h * w) + arg.clamp(min=0).long()
                 val[zero] = xs.reshape(-1, cb).gather(0, pixel)[zero]
-            out[dst] = val.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
-            argmax[dst] = arg.view(kc, ph, pw, cb).permute(0, 3, 1, 2)
+            out.view(k, c, ph * pw)[dst].copy_(val.view(kc, ph * pw, cb).transpose(1, 2))
+            argmax.view(k, c, ph * pw)[dst].copy_(arg.view(kc, ph * pw, cb).transpose(1, 2))
     return out, argmax
 
 
@@ -188,7 +210,10 @@ def roi_pool_bwd_cpu(grad: Tensor, rois: Tensor, argmax: Tensor, n: int, c: int,
     if k > 0 and c > 0:
         p = argmax.shape[2] * argmax.shape[3]
         flat = grad_in.view(-1)
-        base = ((rois[:, 0].long()[:, None] * c + torch.arange(c)) * (h * w))[:, :, None]  # (K, C, 1) planes
+        # int32 plane offsets where the whole input fits: int32 + int32 then one widening is ~6x faster than
+        # ATen's mixed int32 + int64 add
+        index_dtype = torch.int32 if n * c * h * w < 2**31 else torch.int64
+        base = ((rois[:, 0].long()[:, None] * c + torch.arange(c)) * (h * w)).to(index_dtype)[:, :, None]
         arg, g = argmax.view(k, c, p), grad.reshape(k, c, p)
         any_empty = bool((argmax < 0).any())  # empty bins (argmax -1) are rare: mask only when present
         k_step = max(1, 4 * _STEP_BUDGET // (c * p))  # RoIs per step: index and values stay in cache
@@ -196,6 +221,6 @@ def roi_pool_bwd_cpu(grad: Tensor, rois: Tensor, argmax: Tensor, n: int, c: int,
             a, src = arg[k0 : k0 + k_step], g[k0 : k0 + k_step].to(acc)
             if any_empty:  # argmax -1 routes nothing
                 a, src = a.clamp(min=0), src.masked_fill(a < 0, 0)
-            idx = a + base[k0 : k0 + k_step]  # int64 flat pixels, (kc, C, PH*PW)
+            idx = (a + base[k0 : k0 + k_step]).long()  # flat pixels, (kc, C, PH*PW)
             flat.scatter_add_(0, idx.view(-1), src.reshape(-1))
     return grad_in.to(grad.dtype)

@@ -21,8 +21,10 @@ Design (the op is launch-bound at Fast R-CNN sizes: 128 RoIs x 84 = 10752 elemen
   Reduction orders are fixed and there are no float atomics, so the loss is bitwise reproducible.
 - backward, one launch: `_smooth_l1_bwd_kernel` multiplies the saved gradient by grad_output, which it loads
   from device memory itself (no host sync, no .item()), and writes the input and target gradients.
-- devices: CUDA tensors run the Triton kernels; CPU tensors run `_smooth_l1_torch`, the same function in
-  vectorised torch (loss and gradient together as well). With TRITON_INTERPRET=1, fp32 CPU tensors run the
+- devices: CUDA tensors run the Triton kernels. CPU tensors take the torch path: eager calls are ATen's
+  elementwise loss under PyTorch's autograd (`_smooth_l1_autograd`: on a CPU, fusing buys nothing and Python-side
+  autograd costs more than the loss), calls through the ops (torch.compile) `_smooth_l1_torch`, the same kernels
+  returning loss and gradient together. With TRITON_INTERPRET=1, fp32 CPU tensors run the
   Triton kernels in the interpreter; other dtypes keep the torch path there (the interpreter has no bf16, and
   fp64, used by gradcheck, must not be squeezed through the kernel's fp32 math). fp64 on CUDA takes the torch
   path for the same reason. Math is fp32 internally (fp64 for fp64); outputs have the input dtype.
@@ -47,6 +49,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Untuned (no GPU here): 4096 fp32 = 16 per thread with 8 warps; up to 4 such blocks in one program.
 _REDUCE_BLOCK, _REDUCE_WARPS, _SINGLE_PROGRAM_MAX = 4096, 8, 4 * 4096
 _ELEMENTWISE_BLOCK, _ELEMENTWISE_WARPS = 1024, 4
+_ATEN_SMOOTH_L1, _ATEN_L1 = torch.ops.aten.smooth_l1_loss.default, torch.ops.aten.l1_loss.default
 
 
 @triton.jit
@@ -178,19 +181,20 @@ def _fwd_triton(x: Tensor, y: Tensor, w: Optional[Tensor], beta: float, reductio
 
 
 def _smooth_l1_torch(x: Tensor, y: Tensor, w: Optional[Tensor], beta: float, reduction: str, need_grad: bool):
-    """The CPU path (and fp64 on CUDA): loss and gradient together from PyTorch's fused elementwise kernels.
+    """The ops' torch path (torch.compile and torch.ops calls on CPU tensors, fp64 on CUDA): loss and gradient
+    together from PyTorch's fused elementwise kernels.
 
     F.smooth_l1_loss(reduction="none") gives f(d) in one pass; aten.smooth_l1_loss_backward with the weights
     (times the mean's 1/n) as its upstream gradient gives weight * f'(d) * scale in one more; the weighted sum
     is an in-place multiply and ATen's sum. (Not torch.dot: BLAS's multi-threaded dot measured 8 ms for 128 x 84
-    on 2 busy cores, its thread pool's wake-up, against microseconds for ATen's reduction.) beta = 0 (L1) keeps the subgradient
-    sign(0) = 0 of F.l1_loss, which aten's backward (slope +1 at d = 0 there) does not.
+    on 2 busy cores, its thread pool's wake-up, against microseconds for ATen's reduction.) beta = 0 (L1) keeps
+    the subgradient sign(0) = 0 of F.l1_loss, which aten's backward (slope +1 at d = 0 there) does not.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     out_dtype = x.dtype
     x, y = x.to(compute), y.to(compute)
     w = None if w is None else w.to(compute)
-    scale = 1.0 / x.numel() if reduction == "mean" else 1.0
+    scale = 1.0 / x.numel() if reduction == "mean" else 1.0  # the gradient's; the loss's is _reduce's mean
     if beta > 0:
         loss = F.smooth_l1_loss(x, y, reduction="none", beta=beta)
         grad = x.new_empty(0)
@@ -205,13 +209,30 @@ def _smooth_l1_torch(x: Tensor, y: Tensor, w: Optional[Tensor], beta: float, red
         if need_grad and scale != 1.0:
             grad.mul_(scale)
         loss = d.abs_()
-    if reduction == "none":
-        loss = loss if w is None else loss.mul_(w)
-    elif w is None:
-        loss = loss.sum() * scale
-    else:
-        loss = loss.mul_(w).sum() * scale
+    loss = _reduce(loss if w is None else loss.mul_(w), reduction)
     return loss.to(out_dtype), grad.to(out_dtype) if need_grad else grad
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    """The reduction both torch-side paths apply to the weighted elementwise loss (ATen's sum and mean)."""
+    return loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss
+
+
+def _smooth_l1_autograd(x: Tensor, y: Tensor, w: Optional[Tensor], beta: float, reduction: str) -> Tensor:
+    """Eager calls on the torch path (CPU tensors; fp64 on CUDA), outside torch.compile: ATen's elementwise
+    loss, the weight and the reduction, differentiated by PyTorch's own autograd.
+
+    The fused form (gradient computed in the forward) buys nothing here: on a CPU each ATen call reads and writes
+    memory anyway, and at Fast R-CNN's 128 x 84 the loss is dispatch-bound, where a Python autograd.Function or
+    torch.library's dispatch adds 6-100 us to a loss that costs ~40 us in C++ autograd (measured on the 2-core
+    CPU, bench/RESULTS.md). Values and gradients are those of the op path (_smooth_l1_torch), the same kernels.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):  # fp32 math, as the kernels (a cast each: skipped otherwise)
+        return _smooth_l1_autograd(x.float(), y.float(), None if w is None else w.float(), beta, reduction).to(x.dtype)
+    # the ATen op itself: F.smooth_l1_loss's Python wrapper costs ~4 us a call, 10% of the whole loss here
+    # (beta = 0: l1_loss, whose subgradient at 0 is 0 as F.l1_loss's; ATen's smooth-L1 backward gives 1 there)
+    loss = _ATEN_SMOOTH_L1(x, y, 0, beta) if beta > 0 else _ATEN_L1(x, y, 0)  # 0: reduction "none"
+    return _reduce(loss if w is None else loss * w, reduction)
 
 
 @torch.library.custom_op("frcnn::smooth_l1_fwd", mutates_args=())
@@ -281,26 +302,9 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 _smooth_l1_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _SmoothL1Eager(torch.autograd.Function):
-    """Eager calls on the torch path, outside torch.compile: the same two functions as the ops, without
-    torch.library's Python dispatch, which costs ~0.1 ms per op call on a CPU (more than the whole loss at
-    Fast R-CNN's 128 x 84)."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, beta, reduction, need_grad):
-        loss, grad = _smooth_l1_torch(input, target, weight, beta, reduction, need_grad)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        scaled = grad * grad_loss  # what frcnn::smooth_l1_bwd computes on this path
-        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (scaled if need_input else None), (-scaled if need_target else None), None, None, None, None
-
-
 def _check(input: Tensor, target: Tensor, beta: float, reduction: str, weight: Optional[Tensor]) -> None:
+    """Raise ValueError naming the first bad argument. Every call pays this at the Fast R-CNN size, where the
+    whole loss costs ~40 us on a CPU: the common case is decided by a few comparisons."""
     where = "smooth_l1_loss"
     for name, t in (("input", input), ("target", target), ("weight", weight)):
         if not isinstance(t, Tensor) and not (name == "weight" and t is None):
@@ -309,17 +313,17 @@ def _check(input: Tensor, target: Tensor, beta: float, reduction: str, weight: O
         raise ValueError(f"{where}: beta must be >= 0, got {beta}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{where}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if input.dtype not in _DTYPES:
-        raise ValueError(f"{where}: input dtype {input.dtype} is not one of the supported {_DTYPES}")
+    dtype, shape, device = input.dtype, input.shape, input.device
+    if dtype not in _DTYPES:
+        raise ValueError(f"{where}: input dtype {dtype} is not one of the supported {_DTYPES}")
     for name, t in (("target", target), ("weight", weight)):
-        if t is None:
+        if t is None or (t.shape == shape and t.dtype == dtype and t.device == device):
             continue
-        if t.shape != input.shape:
-            raise ValueError(f"{where}: {name} shape {tuple(t.shape)} != input shape {tuple(input.shape)}")
-        if t.dtype != input.dtype:
-            raise ValueError(f"{where}: {name} dtype {t.dtype} != input dtype {input.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"{where}: {name} device {t.device} != input device {input.device}")
+        if t.shape != shape:
+            raise ValueError(f"{where}: {name} shape {tuple(t.shape)} != input shape {tuple(shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{where}: {name} dtype {t.dtype} != input dtype {dtype}")
+        raise ValueError(f"{where}: {name} device {t.device} != input device {device}")
     if weight is not None and weight.requires_grad:
         raise ValueError(f"{where}: weight gets no gradient (constant loss weights); pass weight.detach()")
 
@@ -341,8 +345,8 @@ def smooth_l1_loss(
         weight: (*) or None; multiplies the elementwise loss (and so its gradient), e.g. 0/1 loss weights.
     """
     _check(input, target, beta, reduction, weight)
-    need_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     if input.numel() > 0 and not _uses_triton(input) and not torch.compiler.is_compiling():
-        return _SmoothL1Eager.apply(input, target, weight, float(beta), reduction, need_grad)
+        return _smooth_l1_autograd(input, target, weight, float(beta), reduction)
+    need_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     loss, _ = torch.ops.frcnn.smooth_l1_fwd(input, target, weight, float(beta), reduction, need_grad)
     return loss
