@@ -28,6 +28,7 @@ from detector.data import load_voc, read_split_ids, resolve_classes
 from detector.distributed import Group
 from detector.errors import InputError
 from detector.evaluate import evaluate_split
+from detector.frozen_features import FrozenFeatures
 from detector.model import build_model, param_groups
 from detector.plots import plot_loss_curve
 from detector.progress import peak_memory_mb
@@ -210,6 +211,10 @@ def train(cfg, group: Group, run: Run) -> int:
         with open(run.csv_path, "w", newline="") as f:
             csv.writer(f).writerow(["iter", "loss", "loss_cls", "loss_box", "lr", "ms_per_iter"])
     model.train()
+    frozen = FrozenFeatures(model.backbone, cfg.frozen_cache_mb) if cfg.frozen_cache_mb > 0 else None
+    if frozen and not frozen.layers:
+        log("--frozen-cache-mb: the trunk starts with a trainable layer, nothing to keep; the cache is off")
+        frozen = None
     stop = StopRequest()
     try:
         t_train, window, window_t = time.time(), [], time.time()
@@ -220,7 +225,11 @@ def train(cfg, group: Group, run: Run) -> int:
             batch = loader.next()
             targets = {"labels": batch.labels.to(device), "bbox_targets": batch.bbox_targets.to(device),
                        "bbox_weights": batch.bbox_weights.to(device)}
-            losses = train_model(batch.images.to(device), batch.rois.to(device), targets)
+            if frozen:  # the frozen layers' outputs, reused where this (image, scale, flip) came before
+                inputs, start = frozen(batch.unpadded, batch.keys, device), frozen.layers
+            else:
+                inputs, start = batch.images.to(device), 0
+            losses = train_model(inputs, batch.rois.to(device), targets, start=start)
             loss = losses["loss_cls"] + cfg.loss_box_weight * losses["loss_box"]
             if FAULT == f"{group.rank}:nonfinite@{it + 1}":
                 loss = loss * float("nan")
@@ -255,6 +264,8 @@ def train(cfg, group: Group, run: Run) -> int:
             if done % cfg.checkpoint_every == 0 and done < cfg.iters:
                 save_training_state(cfg, group, run, done)
         run.phases["training"] = time.time() - t_train
+        if frozen:
+            log(frozen.summary())
         run.iters_run = cfg.iters - run.start
         save_training_state(cfg, group, run, cfg.iters)
         return 0

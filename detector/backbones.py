@@ -63,11 +63,31 @@ class Backbone(nn.Module):
         """Inputs of fc6: one RoI pooled to pool_size x pool_size over out_channels."""
         return self.out_channels * self.pool_size * self.pool_size
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Feature map (N, out_channels, ~H/16, ~W/16) of normalize()d images (N, 3, H, W)."""
+    def forward(self, images: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Feature map (N, out_channels, ~H/16, ~W/16) of normalize()d images (N, 3, H, W).
+
+        start / stop: run only trunk layers start..stop-1, on what layer start - 1 gave (frozen_features.py runs
+        the frozen prefix once per image and the rest per step).
+        """
         if images.device.type == "cpu":  # oneDNN's channels-last convolutions are ~30% faster on a CPU
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.trunk(images)
+        if start == 0 and stop is None:
+            return self.trunk(images)
+        for layer in self.trunk[start:stop]:
+            images = layer(images)
+        return images
+
+    def frozen_prefix(self) -> int:
+        """How many leading trunk layers are a fixed function of their input in training: no trainable
+        parameter, no dropout, no batch norm that uses batch statistics."""
+        count = 0
+        for layer in self.trunk:
+            moving = any(isinstance(m, nn.Dropout) or (isinstance(m, nn.BatchNorm2d) and m.training)
+                         for m in layer.modules())
+            if moving or any(p.requires_grad for p in layer.parameters()):
+                break
+            count += 1
+        return count
 
     def normalize(self, images: Tensor) -> Tensor:
         """The input normalisation that matches the weights.

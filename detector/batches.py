@@ -30,6 +30,8 @@ class Minibatch:
     labels: Tensor  # (R,) 0 = background
     bbox_targets: Tensor  # (R, 4(K+1)) normalised targets in the true class's columns
     bbox_weights: Tensor  # (R, 4(K+1)) 1 where a target is set
+    unpadded: list[Tensor]  # the N normalised (3, h, w) images before padding (frozen_features.py)
+    keys: list[tuple[int, int, bool]]  # what determines each image: (record index, scale, flipped)
 
 
 class BatchLoader:
@@ -67,14 +69,16 @@ class BatchLoader:
     def next(self) -> Minibatch:
         cfg = self.cfg
         rois_per_image = cfg.rois_per_batch // cfg.ims_per_batch
-        images, rois, labels, targets, weights = [], [], [], [], []
+        images, rois, labels, targets, weights, keys = [], [], [], [], [], []
         for b, i in enumerate(self._next_images()):
             rec, props = self.records[i], self.proposals[i]
             img, gt = read_tile(rec), rec.boxes  # a tile (--tile): its own pixels, width and boxes
-            if cfg.use_flipped and self.rng.random() < 0.5:
+            flipped = bool(cfg.use_flipped and self.rng.random() < 0.5)
+            if flipped:
                 img, gt = flip_image(img), flip_boxes(gt, rec.width)
                 props = flip_boxes(props, rec.width)
-            target_size = cfg.scales[self.rng.integers(len(cfg.scales))]
+            target_size = int(cfg.scales[self.rng.integers(len(cfg.scales))])
+            keys.append((i, target_size, flipped))
             im_scale = image_scale(rec.height, rec.width, target_size, cfg.max_size)
             images.append(self.normalize(to_tensor(resize_image(img, im_scale))[None])[0])
             s = sample_rois(gt, rec.labels, props, self.rng, rois_per_image=rois_per_image,
@@ -88,7 +92,7 @@ class BatchLoader:
             targets.append(t)
             weights.append(w)
         return Minibatch(pad_batch(images), torch.cat(rois), torch.cat(labels).long(), torch.cat(targets),
-                         torch.cat(weights))
+                         torch.cat(weights), images, keys)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "order_rng": self.order_rng.bit_generator.state,

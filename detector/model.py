@@ -70,22 +70,23 @@ class FastRCNN(nn.Module):
         self.register_buffer("bbox_means", torch.zeros(num_classes + 1, 4))
         self.register_buffer("bbox_stds", torch.ones(num_classes + 1, 4))
 
-    def features(self, images: Tensor) -> Tensor:
-        """Conv feature map of normalised images (N, 3, H, W)."""
-        return self.backbone(images)
+    def features(self, images: Tensor, start: int = 0) -> Tensor:
+        """Conv feature map of normalised images (N, 3, H, W), or of trunk layer start - 1's output."""
+        return self.backbone(images, start)
 
     def predict(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """(R, 5) rois in input-image pixels -> class logits (R, K+1) and normalised box deltas (R, 4(K+1))."""
         x = self.head(self.roi_pool(features, rois))
         return self.cls_score(x), self.bbox_pred(x)
 
-    def forward(self, images: Tensor, rois: Tensor, targets: dict | None = None):
+    def forward(self, images: Tensor, rois: Tensor, targets: dict | None = None, start: int = 0):
         """images (N, 3, H, W) normalised; rois (R, 5) (batch index, x1, y1, x2, y2) in the images' pixels.
 
         With targets ({"labels" (R,), "bbox_targets" (R, 4(K+1)), "bbox_weights" (R, 4(K+1))}) returns the loss
-        dict; without, the softmax probabilities (R, K+1) and raw box deltas (R, 4(K+1)).
+        dict; without, the softmax probabilities (R, K+1) and raw box deltas (R, 4(K+1)). start > 0: `images` is
+        trunk layer start - 1's output (frozen_features.py), not images.
         """
-        scores, deltas = self.predict(self.features(images), rois)
+        scores, deltas = self.predict(self.features(images, start), rois)
         if targets is None:
             return F.softmax(scores, dim=1), self.unnormalize(deltas)
         return self.loss(scores, deltas, targets)
