@@ -6,11 +6,12 @@ whose top-left corner it is; any bin is then the maximum of the four power-of-tw
 size, where torchvision's CPU loop pays the bin's area for every output.
 
 Argmax: the reference keeps the FIRST maximum in row-major order, which is the maximum with the smallest
-flat index h*W+w. So each pixel gets one int64 key, (order code of its value) << 32 | (2^31 - 1 - h*W - w):
+flat index h*W+w. So each pixel gets one int64 key, (order code of its value) << 32 | (2^31 - 2 - h*W - w):
 a larger key means a larger value, or an equal value further up-left, and the table's maxima of keys carry
 exact argmaxes through any overlap. Without a gradient the table holds the values themselves (half the
 bytes). Channels are last, so every gathered row is a pixel's C-vector; tables are built per channel block
-and bins are gathered in steps sized to stay in cache (fresh large tensors on a CPU cost page faults).
+and bins are gathered in steps sized to stay in cache (fresh large tensors on a CPU cost page faults). Each
+step's keys are decoded into two small reused buffers and written out as batches of small transposes.
 
 Backward: one scatter-add of every output gradient at its argmax into a flat gradient buffer, RoI chunks
 at a time; serial, so deterministic by construction.
