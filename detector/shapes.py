@@ -27,6 +27,7 @@ from detector.data import DatasetError, load_voc, read_image
 # Sorted, so classes inferred from the annotations come out in this order too.
 SHAPE_CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
 VERSION = 1  # bump when the images change; the default cache directory is named after it
+MIN_SIZE = 80  # generate(size=...): below this the shapes and distractors stop fitting their images
 _OCCLUDED_REJECT = 0.35  # a placement that leaves an earlier object less visible than this is redrawn
 _OCCLUDED_DIFFICULT = 0.6  # objects less visible than this are marked difficult
 _LETTERS = "EFGHKMNPRSUWYZ"  # distractor letters: none looks like a class (no O, C, D, Q, X, T, V, A, I, L)
@@ -66,6 +67,12 @@ def _shape_mask(rng, name: str, height: int, width: int, near=None) -> tuple[np.
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     polys = [(p * [size * aspect, size / aspect]) @ rot.T for p in _unit_outline(name)]
     lo, hi = np.min(polys[0], 0), np.max(polys[0], 0)
+    # A shape wider or taller than a small image (generate(size=...) well below the default) is shrunk to fit;
+    # every shape that fitted before is drawn as before, so the built-in set does not change.
+    fit = np.min((np.array([width, height]) - 2.5) / (hi - lo))
+    if np.any(hi - lo > [width - 2, height - 2]):
+        polys = [p * fit for p in polys]
+        size, lo, hi = size * fit, lo * fit, hi * fit
     centre = rng.uniform(-lo + 1, [width - 1, height - 1] - hi)
     if near is not None:
         centre = np.clip(near + rng.normal(0, 0.4 * size, 2), -lo + 1, [width - 1, height - 1] - hi)
@@ -230,6 +237,8 @@ def generate(out_dir: str, seed: int = 0, n_train: int = 400, n_test: int = 100,
         size: nominal image side; each image's width and height are drawn from [0.85 size, 1.25 size].
     Returns the absolute root.
     """
+    if size < MIN_SIZE:  # shapes, letters and scratches are drawn at fixed pixel sizes
+        raise ValueError(f"size {size}: the generated images need a nominal side of at least {MIN_SIZE} px")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} is not empty; the data set is written into a new directory")
     for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):

@@ -59,6 +59,18 @@ def test_seeded_and_prefix_stable(tmp_path):
         shapes.generate(a, n_train=1, n_test=0)
 
 
+def test_small_images_generate_or_are_refused(tmp_path):
+    # Shapes are drawn at fixed pixel sizes: at 96 px seed 3 drew one larger than its image (numpy's "high - low
+    # < 0" from deep inside); it is now shrunk to fit. Below MIN_SIZE the call is refused by name.
+    for size in (96, shapes.MIN_SIZE):
+        root = shapes.generate(str(tmp_path / f"s{size}"), seed=3, n_train=6, n_test=2, size=size)
+        records, _ = load_voc(root, "trainval")
+        assert all(r.boxes[:, 2].max() < r.width and r.boxes[:, 3].max() < r.height for r in records)
+    with pytest.raises(ValueError, match="at least 80 px"):
+        shapes.generate(str(tmp_path / "tiny"), size=64)
+    assert not (tmp_path / "tiny").exists()
+
+
 def test_ensure_dataset_generates_once(tmp_path):
     root = str(tmp_path / "shapes-v1")
     open(tmp_path / "shapes-v1.tmp-1", "w").close()  # debris of an interrupted run is ignored
