@@ -211,10 +211,9 @@ def train(cfg, group: Group, run: Run) -> int:
         with open(run.csv_path, "w", newline="") as f:
             csv.writer(f).writerow(["iter", "loss", "loss_cls", "loss_box", "lr", "ms_per_iter"])
     model.train()
-    frozen = FrozenFeatures(model.backbone, cfg.frozen_cache_mb) if cfg.frozen_cache_mb > 0 else None
-    if frozen and not frozen.layers:
+    frozen = FrozenFeatures(model.backbone, cfg.frozen_cache_mb)
+    if cfg.frozen_cache_mb > 0 and not frozen.layers:
         log("--frozen-cache-mb: the trunk starts with a trainable layer, nothing to keep; the cache is off")
-        frozen = None
     stop = StopRequest()
     try:
         t_train, window, window_t = time.time(), [], time.time()
@@ -223,13 +222,9 @@ def train(cfg, group: Group, run: Run) -> int:
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_mult"]
             batch = loader.next()
-            targets = {"labels": batch.labels.to(device), "bbox_targets": batch.bbox_targets.to(device),
-                       "bbox_weights": batch.bbox_weights.to(device)}
-            if frozen:  # the frozen layers' outputs, reused where this (image, scale, flip) came before
-                inputs, start = frozen(batch.unpadded, batch.keys, device), frozen.layers
-            else:
-                inputs, start = batch.images.to(device), 0
-            losses = train_model(inputs, batch.rois.to(device), targets, start=start)
+            # the frozen layers' outputs, reused where this (image, scale, flip) came before (or the images)
+            inputs, start = frozen.trunk_input(batch, device)
+            losses = train_model(inputs, batch.rois.to(device), batch.targets(device), start=start)
             loss = losses["loss_cls"] + cfg.loss_box_weight * losses["loss_box"]
             if FAULT == f"{group.rank}:nonfinite@{it + 1}":
                 loss = loss * float("nan")
@@ -264,7 +259,7 @@ def train(cfg, group: Group, run: Run) -> int:
             if done % cfg.checkpoint_every == 0 and done < cfg.iters:
                 save_training_state(cfg, group, run, done)
         run.phases["training"] = time.time() - t_train
-        if frozen:
+        if frozen.layers:
             log(frozen.summary())
         run.iters_run = cfg.iters - run.start
         save_training_state(cfg, group, run, cfg.iters)

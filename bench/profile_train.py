@@ -45,7 +45,7 @@ def main() -> None:
     with Group(resolve_device(cfg.device), cfg.ddp_timeout) as group:
         run = train.prepare(cfg, group, None, "")
     model, optimizer, loader, device = run.model, run.optimizer, run.loader, group.device
-    frozen = FrozenFeatures(model.backbone, cfg.frozen_cache_mb) if cfg.frozen_cache_mb > 0 else None
+    frozen = FrozenFeatures(model.backbone, cfg.frozen_cache_mb)
     model.train()
     per_iter = {stage: [] for stage in STAGES}
     for it in range(args.skip + args.iters):
@@ -53,15 +53,13 @@ def main() -> None:
         sync(device)
         t0 = time.perf_counter()
         batch = loader.next()
-        targets = {"labels": batch.labels.to(device), "bbox_targets": batch.bbox_targets.to(device),
-                   "bbox_weights": batch.bbox_weights.to(device)}
+        targets = batch.targets(device)
         t_data = time.perf_counter()
-        if frozen:
-            inputs, start = frozen(batch.unpadded, batch.keys, device), frozen.layers
-        else:
-            inputs, start = batch.images.to(device), 0
+        inputs, start = frozen.trunk_input(batch, device)
         sync(device)
         t_frozen = time.perf_counter()
+        if not frozen.layers:  # the cache is off: trunk_input only padded the images, part of the data stage
+            t_data = t_frozen
         with timer:
             losses = model(inputs, batch.rois.to(device), targets, start=start)
             loss = losses["loss_cls"] + cfg.loss_box_weight * losses["loss_box"]
@@ -87,7 +85,7 @@ def main() -> None:
     for stage, v in per_iter.items():
         print(f"{stage:>10} {statistics.mean(v) * 1e3:8.1f} {statistics.mean(v) / total:6.1%}")
     print(f"{'total':>10} {total * 1e3:8.1f}")
-    if frozen:
+    if frozen.layers:
         print(frozen.summary())
 
 

@@ -12,6 +12,7 @@ the process's own. With one process a single generator does both, as FR's.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -25,13 +26,23 @@ from detector.tiling import read_tile
 
 @dataclass
 class Minibatch:
-    images: Tensor  # (N, 3, H, W) normalised, zero-padded
+    unpadded: list[Tensor]  # the N normalised (3, h, w) images
+    keys: list[tuple[int, int, bool]]  # what determines each image: (record index, scale, flipped)
     rois: Tensor  # (R, 5) batch index, x1, y1, x2, y2 in the scaled images' pixels
     labels: Tensor  # (R,) 0 = background
     bbox_targets: Tensor  # (R, 4(K+1)) normalised targets in the true class's columns
     bbox_weights: Tensor  # (R, 4(K+1)) 1 where a target is set
-    unpadded: list[Tensor]  # the N normalised (3, h, w) images before padding (frozen_features.py)
-    keys: list[tuple[int, int, bool]]  # what determines each image: (record index, scale, flipped)
+
+    @cached_property
+    def images(self) -> Tensor:
+        """(N, 3, H, W) the images zero-padded to a common size; made on first use (frozen_features.py pads
+        the kept maps instead)."""
+        return pad_batch(self.unpadded)
+
+    def targets(self, device: torch.device | str) -> dict:
+        """The loss targets FastRCNN.forward takes, on `device`."""
+        return {"labels": self.labels.to(device), "bbox_targets": self.bbox_targets.to(device),
+                "bbox_weights": self.bbox_weights.to(device)}
 
 
 class BatchLoader:
@@ -91,8 +102,8 @@ class BatchLoader:
             labels.append(s.labels)
             targets.append(t)
             weights.append(w)
-        return Minibatch(pad_batch(images), torch.cat(rois), torch.cat(labels).long(), torch.cat(targets),
-                         torch.cat(weights), images, keys)
+        return Minibatch(images, keys, torch.cat(rois), torch.cat(labels).long(), torch.cat(targets),
+                         torch.cat(weights))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "order_rng": self.order_rng.bit_generator.state,

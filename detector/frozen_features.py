@@ -23,9 +23,10 @@ from detector.data import pad_batch
 class FrozenFeatures:
     def __init__(self, backbone, budget_mb: float):
         """backbone: the model's Backbone (its frozen_prefix() layers are the ones kept); budget_mb: memory for
-        the kept maps, on the device they are computed on."""
+        the kept maps, on the device they are computed on; 0 turns the cache off (self.layers is then 0, as it
+        is when the trunk starts with a trainable layer)."""
         self.backbone = backbone
-        self.layers = backbone.frozen_prefix()
+        self.layers = backbone.frozen_prefix() if budget_mb > 0 else 0
         self.budget = int(budget_mb * 2**20)
         self.maps: dict[tuple, Tensor] = {}
         self.bytes = 0
@@ -56,6 +57,13 @@ class FrozenFeatures:
                 self.hits += 1
             maps.append(kept)
         return pad_batch(maps)
+
+    def trunk_input(self, batch, device: torch.device) -> tuple[Tensor, int]:
+        """What FastRCNN.forward takes for a minibatch (batches.Minibatch): (input, start layer). The kept maps
+        and the first layer after them; with the cache off, the padded images and layer 0."""
+        if not self.layers:
+            return batch.images.to(device), 0
+        return self(batch.unpadded, batch.keys, device), self.layers
 
     def summary(self) -> str:
         seen = self.hits + self.misses

@@ -92,8 +92,7 @@ def test_round_trip_gives_the_same_detections(tmp_path, tiny, backbone, source):
     model.train()
     for _ in range(2):
         b = loader.next()
-        losses = model(b.images, b.rois, {"labels": b.labels, "bbox_targets": b.bbox_targets,
-                                          "bbox_weights": b.bbox_weights})
+        losses = model(b.images, b.rois, b.targets("cpu"))
         optimizer.zero_grad()
         (losses["loss_cls"] + losses["loss_box"]).backward()
         optimizer.step()

@@ -177,8 +177,7 @@ def test_a_minibatch_without_rois_trains_on(data):
                          np.ones((7, 4)), model.backbone.normalize, seed=0)
     batch = loader.next()
     assert batch.rois.shape == (0, 5)
-    losses = model(batch.images, batch.rois, {"labels": batch.labels, "bbox_targets": batch.bbox_targets,
-                                              "bbox_weights": batch.bbox_weights})
+    losses = model(batch.images, batch.rois, batch.targets("cpu"))
     loss = losses["loss_cls"] + losses["loss_box"]
     assert loss.item() == 0.0
     loss.backward()  # reaches the parameters (zero gradients): a step on every process, nothing stops
