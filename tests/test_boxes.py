@@ -6,6 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from detector.boxes import DELTA_CLIP, EPS, box_iou, clip_boxes, decode_boxes, encode_boxes, nms
+from oracles import iou_loop  # tests/oracles.py
 
 
 def random_boxes(rng: np.random.Generator, n: int, size: int = 100, max_side: int = 40) -> torch.Tensor:
@@ -15,16 +16,6 @@ def random_boxes(rng: np.random.Generator, n: int, size: int = 100, max_side: in
     w = rng.integers(0, max_side, n)  # 0: a one-pixel-wide box, x1 == x2
     h = rng.integers(0, max_side, n)
     return torch.from_numpy(np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float64))
-
-
-def iou_loop(a, b) -> float:
-    """VOC devkit overlap with inclusive pixels, written out scalar by scalar."""
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - iw * ih
-    return iw * ih / union
 
 
 def nms_loop(boxes, scores, thresh) -> list[int]:

@@ -10,6 +10,7 @@ import scipy.io
 from detector import proposals
 from detector.data import DatasetError, ImageRecord, load_voc, read_image
 from detector.shapes import generate
+from oracles import iou_loop  # tests/oracles.py
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +129,6 @@ def test_load_mat_proposals_swaps_and_shifts(tmp_path):
         proposals.load_mat_proposals(str(tmp_path / "missing.mat"), records)
 
 
-def _iou_loop(a, b) -> float:
-    """Scalar oracle: inclusive pixels, area = (x2 - x1 + 1) * (y2 - y1 + 1)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    inter = max(iw, 0) * max(ih, 0)
-    area = lambda x: (x[2] - x[0] + 1) * (x[3] - x[1] + 1)
-    return inter / (area(a) + area(b) - inter)
-
-
 def test_recall_hand_case():
     # GT 10x10 px. Proposal 10x5 px inside it: IoU 50/100 = 0.5; 10x8: 0.8. The difficult GT is ignored.
     records = [
@@ -158,7 +150,7 @@ def test_recall_matches_loop_oracle(seed):
 
     records = [_record(str(i), random_boxes(4)) for i in range(5)]
     props = [random_boxes(30) for _ in range(5)]
-    best = [max(_iou_loop(g, p) for p in ps) for r, ps in zip(records, props) for g in r.boxes]
+    best = [max(iou_loop(g, p) for p in ps) for r, ps in zip(records, props) for g in r.boxes]
     stats = proposals.proposal_recall(props, records, thresholds=(0.3, 0.5, 0.7))
     for t in (0.3, 0.5, 0.7):
         assert stats[f"recall@{t:g}"] == pytest.approx(np.mean(np.array(best) >= t))
