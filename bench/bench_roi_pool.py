@@ -35,7 +35,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds bench/, kernels/
 from bench.common import (  # noqa: E402
-    QUANTILES, add_options, pick_devices, print_header, save_results, time_interleaved,
+    QUANTILES, add_options, cpu_threads, pick_devices, print_header, save_results, time_interleaved,
 )
 from detector.plots import plt  # noqa: E402
 from kernels.roi_pool import roi_pool  # noqa: E402
@@ -114,16 +114,10 @@ def providers(device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # torchvision's CPU kernel is a serial loop: 1 thread compares like with like; the default thread count is
-    # what a user gets (on a busy 2-core machine torch's 2 threads can stall each other at every op)
-    parser.add_argument("--threads", default="1,0",
-                        help="comma-separated CPU thread counts to run with, 0 = torch's default (default 1,0)")
     add_options(parser)
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter is for tests, not timings")
-    default_threads = torch.get_num_threads()
-    thread_counts = [int(t) or default_threads for t in args.threads.split(",")]
     devices = pick_devices(args.device, ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     shapes = TINY_SHAPES if args.tiny else SHAPES
     # CPU: rounds of every provider until 15 rounds or 20 s (at least 3: the baseline takes seconds a call)
@@ -131,18 +125,15 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     tv = torchvision.__version__ if torchvision is not None else "not installed"
     title = (f"roi_pool | {gpu} | torch {torch.__version__} | triton {triton.__version__} | torchvision {tv} | "
-             f"CPU default threads {default_threads}")  # fmt: skip
+             f"CPU default threads {torch.get_num_threads()}")  # fmt: skip
     print(title)
     rows = []
     for device in devices:
         bandwidth = copy_bandwidth(device)
-        for threads in thread_counts if device == "cpu" else [None]:
-            if threads:
-                torch.set_num_threads(threads)
+        for threads in cpu_threads(args.threads, device):
             for shape_name, train in CASES:
                 rows += bench_case(device, threads, shape_name, shapes[shape_name], train, bandwidth, repeats,
                                    budget_s, title)
-    torch.set_num_threads(default_threads)
     save_results(rows, "roi_pool", lambda rows: plot(rows, title), args.out)
 
 

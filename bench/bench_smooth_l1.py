@@ -27,7 +27,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `python bench/...` finds bench/, kernels/
 from bench.common import (  # noqa: E402
-    add_options, pick_devices, print_header, save_results, time_interleaved,
+    add_options, cpu_threads, pick_devices, print_header, save_results, time_interleaved,
 )
 from detector.plots import plt  # noqa: E402
 from kernels.smooth_l1 import smooth_l1_loss  # noqa: E402
@@ -70,27 +70,20 @@ def _count_launches(fn, device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="1,0",
-                        help="comma-separated CPU thread counts to run with, 0 = torch's default (default 1,0)")
     add_options(parser)
     args = parser.parse_args()
     (device,) = pick_devices(args.device, ["cuda" if torch.cuda.is_available() else "cpu"])
-    default_threads = torch.get_num_threads()
-    thread_counts = [int(t) or default_threads for t in args.threads.split(",")] if device == "cpu" else [None]
     # CPU: rounds of both providers, up to 2000 within 2 s (a step takes 0.02-10 ms); --tiny: a handful
     repeats, budget_s = (5, 0.0) if args.tiny else (2000, 2.0)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU (default threads {default_threads})"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU (default threads {torch.get_num_threads()})"
     print(f"device {name} | torch {torch.__version__} | triton {triton.__version__}")
     header = ["threads", "R x 84", "provider", "mode", "ms", "20%", "80%", "x torch", "GB/s", "launches"]
     print_header(header, [7, 12, 8, 8, 9, 9, 9, 8, 8, 8])
 
     rows = []
-    for threads in thread_counts:
-        if threads:
-            torch.set_num_threads(threads)
+    for threads in cpu_threads(args.threads, device):
         for num_rois in TINY_ROIS if args.tiny else ROIS:
             rows += bench_size(device, threads, num_rois, repeats, budget_s, name)
-    torch.set_num_threads(default_threads)
     save_results(rows, "smooth_l1", lambda rows: _plot(rows, name), args.out)
 
 

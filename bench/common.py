@@ -17,11 +17,31 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --out and --tiny, the options every kernel benchmark takes (bench/gpu_check.py uses them)."""
+    """--device, --out, --tiny and --threads, the options every kernel benchmark takes (bench/gpu_check.py uses
+    them)."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the script's default devices; cuda skips the CPU runs")
     parser.add_argument("--out", default=str(OUT), help="folder for the CSV and PNG (default bench/out)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, few runs: seconds")
+    # 1 thread compares like with like (torchvision's CPU kernels are serial loops); the default thread count is
+    # what a user gets (on a busy 2-core machine torch's 2 threads can stall each other at every op)
+    parser.add_argument("--threads", default="1,0",
+                        help="comma-separated CPU thread counts to run with, 0 = torch's default (default 1,0)")
+
+
+def cpu_threads(spec: str, device: str):
+    """Yield each thread count of a --threads value with torch set to it (0: torch's default), restoring the
+    default afterwards; on CUDA, yield None once."""
+    if device != "cpu":
+        yield None
+        return
+    default = torch.get_num_threads()
+    try:
+        for count in spec.split(","):
+            torch.set_num_threads(int(count) or default)
+            yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default)
 
 
 def time_ms(fn, device: str, repeats: int = 50, budget_s: float = 1.0) -> list[float]:
